@@ -1,0 +1,97 @@
+"""
+Credentials for C{/import}: project secrets from C{--import-secrets}.
+
+Mixpanel's import endpoint takes the project secret as the HTTP Basic user
+name (legacy), as the password of C{user:secret} with C{project_id} (service
+accounts), or as C{api_key} (the Python SDK sends it in the body).  Secrets
+are looked up by their SHA-256 digest and confirmed with
+L{hmac.compare_digest}, so the time an answer takes says nothing about how
+much of a guessed secret was right; they are never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+from twisted.web.iweb import IRequest
+
+from mixingest.errors import Unauthorized
+
+__all__ = ["ImportSecrets"]
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+class ImportSecrets:
+    """
+    Which project tokens a presented secret may import into.
+    """
+
+    def __init__(self, secrets: Mapping[str, str]) -> None:
+        byDigest: Dict[bytes, Tuple[str, List[str]]] = {}
+        for token, secret in secrets.items():
+            if not isinstance(token, str) or not isinstance(secret, str) or not secret:
+                raise ValueError("import secrets must map token strings to non-empty secrets")
+            byDigest.setdefault(_digest(secret), (secret, []))[1].append(token)
+        self._byDigest = {
+            digest: (secret, frozenset(tokens)) for digest, (secret, tokens) in byDigest.items()
+        }
+
+    @classmethod
+    def fromFile(cls, path: str) -> ImportSecrets:
+        """
+        Read a JSON object mapping project token to API secret.
+        """
+        with open(path, "rb") as f:
+            try:
+                secrets = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(secrets, dict):
+            raise ValueError(f"{path} must hold a JSON object of token to secret")
+        return cls(secrets)
+
+    def tokensFor(self, request: IRequest, params: Mapping[str, str]) -> FrozenSet[str]:
+        """
+        The project tokens the request's credentials cover.
+
+        @raise Unauthorized: no credentials, or none that match.
+        """
+        presented = _presented(request, params)
+        if not presented:
+            raise Unauthorized("missing credentials: send the project secret with HTTP Basic auth")
+        for secret in presented:
+            entry = self._byDigest.get(_digest(secret))
+            if entry is not None and hmac.compare_digest(
+                entry[0].encode("utf-8"), secret.encode("utf-8")
+            ):
+                return entry[1]
+        raise Unauthorized("Invalid credentials")
+
+
+def _presented(request: IRequest, params: Mapping[str, str]) -> List[str]:
+    secrets = []
+    authorization = request.getHeader(b"authorization")
+    if authorization:
+        scheme, _, encoded = authorization.partition(b" ")
+        if scheme.lower() == b"basic":
+            try:
+                user, _, password = (
+                    base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+                )
+            except (binascii.Error, UnicodeDecodeError):
+                raise Unauthorized("malformed HTTP Basic credentials") from None
+            secret: Optional[str] = password or user
+            if secret:
+                secrets.append(secret)
+    apiKey = params.get("api_key")
+    if apiKey:
+        secrets.append(apiKey)
+    return secrets

@@ -1,0 +1,412 @@
+"""
+Validate and clean each decoded record into the queue item consumers read.
+
+The rules follow Mixpanel's documented ingestion limits so that whatever
+mixingest accepts, Mixpanel (or a consumer written for its data) accepts too.
+Where Mixpanel truncates (long strings and names), mixingest truncates and
+counts it; where Mixpanel rejects, the one record is rejected with the field
+and the reason, and the records beside it are still stored.
+
+The queue item is the cleaned record itself, one JSON object, with
+C{received_at} (server receive time, seconds since the epoch, millisecond
+precision) added at the top level; see the README for the full format.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
+
+from mixingest import codec
+from mixingest.errors import InvalidEvent
+
+__all__ = [
+    "ENDPOINTS",
+    "MAX_ITEM_BYTES",
+    "CleanItem",
+    "Cleaned",
+    "Context",
+    "clean",
+    "normaliseTime",
+]
+
+MAX_STRING = 255
+MAX_NAME = 255
+MAX_PROPERTIES = 255
+MAX_COLLECTION = 255
+MAX_DEPTH = 3
+MAX_COLLECTION_BYTES = 8 * 1024
+MAX_ITEM_BYTES = 1024 * 1024
+MILLISECONDS_FROM = 10**11
+"""
+A C{time} at or past this is milliseconds: as seconds it would be the year
+5138, as milliseconds it is 1973.
+"""
+IMPORT_EARLIEST = 31536000
+"""
+1971-01-01T00:00:00Z: Mixpanel's C{/import} refuses anything older.
+"""
+INT64 = 1 << 63
+INSERT_ID = re.compile(r"\A[A-Za-z0-9-]{1,36}\Z")
+
+ENGAGE_OPERATIONS = (
+    "$set",
+    "$set_once",
+    "$add",
+    "$append",
+    "$union",
+    "$remove",
+    "$unset",
+    "$delete",
+)
+GROUP_OPERATIONS = ("$set", "$set_once", "$unset", "$remove", "$union", "$delete")
+
+
+class Context(NamedTuple):
+    """
+    What the request adds to each of its records.
+
+    @ivar received: server receive time, seconds (rounded to milliseconds).
+    @ivar ip: the client address to record (C{ip=1}), or L{None}.
+    @ivar importTokens: on C{/import}, the project tokens the credentials
+        cover; a record's token must be one of them.
+    """
+
+    received: float
+    ip: Optional[str] = None
+    importTokens: Optional[FrozenSet[str]] = None
+
+
+class CleanItem(NamedTuple):
+    """
+    One record ready for the funnel: the token it is routed and counted by,
+    its C{$insert_id} for deduplication (or L{None}), and the encoded item.
+    """
+
+    token: str
+    insertId: Optional[str]
+    payload: bytes
+
+
+class Cleaned(NamedTuple):
+    items: List[CleanItem]
+    failures: List[Tuple[int, InvalidEvent, Optional[str]]]
+    """
+    Each rejected record's index in the request, why, and its C{$insert_id}.
+    """
+    truncated: int
+
+
+class _Walk:
+    """
+    Checks and cleans property values in place, counting truncations.  A
+    class rather than closures so that one allocation serves a whole request;
+    field paths are only built when a value is rejected.
+    """
+
+    __slots__ = ("truncate", "truncated")
+
+    def __init__(self, truncate: bool) -> None:
+        self.truncate = truncate
+        self.truncated = 0
+
+    def value(self, value: Any, depth: int) -> Any:
+        kind = type(value)
+        if kind is str:
+            if len(value) > MAX_STRING and self.truncate:
+                self.truncated += 1
+                return value[:MAX_STRING]
+            return value
+        if kind is int:
+            if not -INT64 <= value < INT64:
+                raise InvalidEvent("", "integer out of the 64-bit range")
+            return value
+        if kind is float:
+            if value - value != 0.0:
+                raise InvalidEvent("", "NaN and Infinity are not valid JSON numbers")
+            return value
+        if value is None or kind is bool:
+            return value
+        if depth >= MAX_DEPTH:
+            raise InvalidEvent("", f"nested deeper than {MAX_DEPTH} levels")
+        if kind is list:
+            if len(value) > MAX_COLLECTION:
+                raise InvalidEvent("", f"list longer than {MAX_COLLECTION} elements")
+            for i, element in enumerate(value):
+                try:
+                    value[i] = self.value(element, depth + 1)
+                except InvalidEvent as e:
+                    raise _within(str(i), e) from None
+            return value
+        if kind is dict:
+            return self.mapping(value, depth + 1, MAX_COLLECTION)
+        raise InvalidEvent("", f"unsupported value of type {kind.__name__}")
+
+    def mapping(self, value: Dict[str, Any], depth: int, limit: int) -> Dict[str, Any]:
+        if len(value) > limit:
+            raise InvalidEvent("", f"more than {limit} keys")
+        renamed = None
+        for key, element in value.items():
+            try:
+                cleaned = self.value(element, depth)
+            except InvalidEvent as e:
+                raise _within(key, e) from None
+            if cleaned is not element:
+                value[key] = cleaned
+            if len(key) > MAX_NAME:
+                if renamed is None:
+                    renamed = []
+                renamed.append(key)
+        if renamed:
+            if not self.truncate:
+                raise _within(
+                    renamed[0][:40] + "...",
+                    InvalidEvent("", f"property name longer than {MAX_NAME} characters"),
+                )
+            for key in renamed:
+                self.truncated += 1
+                value[key[:MAX_NAME]] = value.pop(key)
+        return value
+
+    def properties(self, props: Dict[str, Any], where: str) -> None:
+        try:
+            self.mapping(props, 0, MAX_PROPERTIES)
+        except InvalidEvent as e:
+            raise _within(where, e) from None
+        for key, element in props.items():
+            if type(element) in (list, dict):
+                try:
+                    size = len(codec.dumps(element))
+                except ValueError:
+                    raise InvalidEvent(
+                        f"{where}.{key}",
+                        "contains text that is not valid Unicode (a lone surrogate)",
+                    ) from None
+                if size > MAX_COLLECTION_BYTES:
+                    raise InvalidEvent(
+                        f"{where}.{key}",
+                        f"list or object larger than {MAX_COLLECTION_BYTES} bytes",
+                    )
+
+    def others(self, record: Dict[str, Any], checked: Tuple[str, ...]) -> None:
+        """
+        Check the top-level fields no endpoint rule covers, so that nothing
+        stored escapes the value limits (NaN, huge integers, deep nesting).
+        """
+        for key, element in record.items():
+            if key not in checked:
+                try:
+                    cleaned = self.value(element, 0)
+                except InvalidEvent as e:
+                    raise _within(key, e) from None
+                if cleaned is not element:
+                    record[key] = cleaned
+
+
+def _within(key: str, error: InvalidEvent) -> InvalidEvent:
+    return InvalidEvent(f"{key}.{error.field}" if error.field else key, error.message)
+
+
+def normaliseTime(value: Any, field: str) -> float | int:
+    """
+    Seconds since the epoch from seconds, fractional seconds or milliseconds.
+
+    Values at or past 10**11 are milliseconds and are divided by 1000; the
+    result keeps millisecond precision and is an integer when whole.
+    """
+    if type(value) not in (int, float):
+        raise InvalidEvent(field, "must be a number of seconds or milliseconds since the epoch")
+    if not 0 < value < 10**14:
+        raise InvalidEvent(field, "out of range")
+    if value >= MILLISECONDS_FROM:
+        value = value / 1000
+    if type(value) is float:
+        value = round(value, 3)
+        if value.is_integer():
+            return int(value)
+    return value
+
+
+def _distinctId(value: Any, field: str, required: bool) -> None:
+    if value is None:
+        if required:
+            raise InvalidEvent(field, "missing")
+        return
+    kind = type(value)
+    if kind is str:
+        if not value or len(value) > MAX_STRING:
+            raise InvalidEvent(field, f"must be 1 to {MAX_STRING} characters")
+    elif kind is not int:
+        raise InvalidEvent(field, "must be a string")
+
+
+def _token(value: Any, field: str) -> str:
+    if type(value) is not str or not value:
+        raise InvalidEvent(field, "missing or empty")
+    if len(value) > MAX_STRING:
+        raise InvalidEvent(field, f"longer than {MAX_STRING} characters")
+    return value
+
+
+def _insertId(value: Any, field: str) -> Optional[str]:
+    if value is None:
+        return None
+    if type(value) is not str or INSERT_ID.match(value) is None:
+        raise InvalidEvent(field, "must be 1 to 36 characters of A-Z, a-z, 0-9 and -")
+    return value
+
+
+def _encode(record: Dict[str, Any]) -> bytes:
+    try:
+        payload = codec.dumps(record)
+    except ValueError:
+        raise InvalidEvent(
+            "", "contains text that is not valid Unicode (a lone surrogate)"
+        ) from None
+    if len(payload) > MAX_ITEM_BYTES:
+        raise InvalidEvent("", f"larger than {MAX_ITEM_BYTES} bytes once encoded")
+    return payload
+
+
+_EVENT_FIELDS = ("event", "properties")
+
+
+def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanItem:
+    if type(record) is not dict:
+        raise InvalidEvent("", "each event must be a JSON object")
+    name = record.get("event")
+    if type(name) is not str or not name:
+        raise InvalidEvent("event", "missing or empty (must be a non-empty string)")
+    if len(name) > MAX_NAME:
+        walk.truncated += 1
+        record["event"] = name[:MAX_NAME]
+    props = record.get("properties")
+    if props is None and imported and context.importTokens is not None:
+        props = record["properties"] = {}
+    if type(props) is not dict:
+        raise InvalidEvent("properties", "missing or not an object")
+    token = props.get("token")
+    if imported:
+        tokens = context.importTokens or frozenset()
+        if token is None and len(tokens) == 1:
+            token = props["token"] = next(iter(tokens))
+        elif type(token) is not str or token not in tokens:
+            raise InvalidEvent("properties.token", "not a project the credentials are for")
+    token = _token(token, "properties.token")
+    insertId = _insertId(props.get("$insert_id"), "properties.$insert_id")
+    _distinctId(props.get("distinct_id"), "properties.distinct_id", False)
+    walk.properties(props, "properties")
+    if len(record) > 2:
+        walk.others(record, _EVENT_FIELDS)
+    when = props.get("time")
+    if when is None:
+        # $merge (Python SDK merge(), Mixpanel's identity-merge reference)
+        # comes to /import without a time, and Mixpanel takes it.
+        if imported and record["event"] != "$merge":
+            raise InvalidEvent("properties.time", "required on /import")
+        props["time"] = context.received
+    else:
+        props["time"] = when = normaliseTime(when, "properties.time")
+        if imported and when < IMPORT_EARLIEST:
+            raise InvalidEvent("properties.time", "before 1971-01-01, which /import refuses")
+    if context.ip is not None and "ip" not in props:
+        props["ip"] = context.ip
+    record["received_at"] = context.received
+    return CleanItem(token, insertId, _encode(record))
+
+
+def _update(
+    record: Any,
+    context: Context,
+    walk: _Walk,
+    identity: Tuple[str, ...],
+    operations: Tuple[str, ...],
+) -> CleanItem:
+    if type(record) is not dict:
+        raise InvalidEvent("", "each update must be a JSON object")
+    token = _token(record.get("$token"), "$token")
+    for key in identity:
+        _distinctId(record.get(key), key, True)
+    present = [op for op in operations if op in record]
+    if len(present) != 1:
+        raise InvalidEvent(
+            "",
+            f"needs exactly one operation of {', '.join(operations)}"
+            + (f", got {', '.join(present)}" if present else ""),
+        )
+    op = present[0]
+    value = record[op]
+    if op == "$unset":
+        if type(value) is not list or not all(type(n) is str for n in value):
+            raise InvalidEvent(op, "must be a list of property names")
+    elif op != "$delete":
+        if type(value) is not dict:
+            raise InvalidEvent(op, "must be an object of properties")
+        walk.properties(value, op)
+        if op == "$add" and not all(type(v) in (int, float) for v in value.values()):
+            raise InvalidEvent(op, "values must be numbers")
+        if op == "$union" and not all(type(v) is list for v in value.values()):
+            raise InvalidEvent(op, "values must be lists")
+    walk.others(record, () if op == "$delete" else (op,))
+    if "$time" in record:
+        record["$time"] = normaliseTime(record["$time"], "$time")
+    if context.ip is not None and "$ip" not in record and identity == ("$distinct_id",):
+        record["$ip"] = context.ip
+    record["received_at"] = context.received
+    return CleanItem(token, None, _encode(record))
+
+
+def _track(record: Any, context: Context, walk: _Walk) -> CleanItem:
+    return _event(record, context, walk, False)
+
+
+def _import(record: Any, context: Context, walk: _Walk) -> CleanItem:
+    return _event(record, context, walk, True)
+
+
+def _engage(record: Any, context: Context, walk: _Walk) -> CleanItem:
+    return _update(record, context, walk, ("$distinct_id",), ENGAGE_OPERATIONS)
+
+
+def _groups(record: Any, context: Context, walk: _Walk) -> CleanItem:
+    return _update(record, context, walk, ("$group_key", "$group_id"), GROUP_OPERATIONS)
+
+
+_CLEANERS: Dict[str, Tuple[Callable[[Any, Context, _Walk], CleanItem], bool]] = {
+    "track": (_track, True),
+    "import": (_import, True),
+    "engage": (_engage, False),
+    "groups": (_groups, False),
+}
+
+ENDPOINTS = tuple(_CLEANERS)
+
+
+def clean(endpoint: str, records: List[Any], context: Context) -> Cleaned:
+    """
+    Clean every record of one request; one bad record never costs the others.
+
+    Events (C{/track}, C{/import}) have long strings truncated as Mixpanel
+    does; profile and group updates are checked but never truncated, because
+    Mixpanel keeps long profile values.
+    """
+    cleaner, truncate = _CLEANERS[endpoint]
+    walk = _Walk(truncate)
+    items: List[CleanItem] = []
+    failures: List[Tuple[int, InvalidEvent, Optional[str]]] = []
+    for index, record in enumerate(records):
+        try:
+            items.append(cleaner(record, context, walk))
+        except InvalidEvent as e:
+            failures.append((index, e, _failedInsertId(record)))
+    return Cleaned(items, failures, walk.truncated)
+
+
+def _failedInsertId(record: Any) -> Optional[str]:
+    if type(record) is dict:
+        props = record.get("properties")
+        if type(props) is dict:
+            insertId = props.get("$insert_id")
+            if type(insertId) is str:
+                return insertId[:MAX_STRING]
+    return None

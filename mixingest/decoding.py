@@ -1,0 +1,261 @@
+"""
+From an HTTP request's query and body to a list of JSON values, one per
+event or profile update, exactly as the Mixpanel SDKs send them.
+
+The parameters may arrive in the query, in a form body of any content type
+(C{sendBeacon} posts C{text/plain}), or both; C{data} may be raw JSON or
+base64 in any of the dialects the SDKs produce; the body may be gzipped or be
+raw JSON or ndjson.  Everything here is synchronous, allocation-light and
+raises L{DecodeError} or L{BodyTooLarge} with a reason a developer can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import re
+import zlib
+from typing import Any, Dict, List, Optional
+from urllib.parse import parse_qsl
+
+import attr
+
+from mixingest import codec
+from mixingest.errors import BodyTooLarge, DecodeError
+
+__all__ = [
+    "MAX_GZIP_RATIO",
+    "MAX_PARAMETERS",
+    "Decoded",
+    "decodeBase64",
+    "decodeData",
+    "decodeRequest",
+    "decompress",
+    "parseParams",
+]
+
+MAX_PARAMETERS = 100
+"""
+More form or query fields than any SDK sends; past it the request is refused
+before it costs more parsing.
+"""
+
+MAX_GZIP_RATIO = 1000
+"""
+Compressed bodies inflating past this ratio (and past 1 MiB) are bombs, not
+event batches: refused while inflating, before the memory is spent.
+"""
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_GZIP_ENCODINGS = frozenset((b"gzip", b"x-gzip"))
+_IDENTITY = frozenset((b"", b"identity"))
+
+
+@attr.s(slots=True, auto_attribs=True)
+class Decoded:
+    """
+    A decoded request.
+
+    @ivar params: the single-valued parameters other than C{data} (first
+        value wins), from the query and a form body.
+    @ivar items: one decoded JSON value per record, in request order; the
+        cleaner decides whether each is a valid event.
+    @ivar lineErrors: for ndjson bodies, the index of each line that was not
+        JSON and why; those indexes have L{None} in C{items}.
+    @ivar raw: the payload was a raw JSON body rather than C{data=}.
+    """
+
+    params: Dict[str, str]
+    items: List[Any]
+    lineErrors: Dict[int, str] = attr.ib(factory=dict)
+    raw: bool = False
+
+
+def decompress(body: bytes, maxBody: int) -> bytes:
+    """
+    Inflate a gzip (or zlib) body without ever holding more than C{maxBody}
+    bytes of output.
+    """
+    inflater = zlib.decompressobj(wbits=47)
+    try:
+        out = inflater.decompress(body, maxBody + 1)
+    except zlib.error:
+        raise DecodeError("body is marked Content-Encoding: gzip but is not valid gzip") from None
+    if len(out) > maxBody:
+        raise BodyTooLarge(f"body exceeds {maxBody} bytes once decompressed")
+    if len(out) > 1 << 20 and len(out) > MAX_GZIP_RATIO * len(body):
+        raise BodyTooLarge(f"body decompresses more than {MAX_GZIP_RATIO} times its size")
+    if not inflater.eof:
+        raise DecodeError("gzip body is truncated")
+    return out
+
+
+def decodeBase64(data: bytes) -> bytes:
+    """
+    Decode base64 as every SDK dialect sends it: standard or URL-safe, padded
+    or not, with C{+} turned into a space by form decoding (the Node SDK posts
+    its base64 unescaped) and with MIME line breaks.
+    """
+    if b" " in data:
+        data = data.replace(b" ", b"+")
+    if b"\n" in data or b"\r" in data:
+        data = data.replace(b"\r", b"").replace(b"\n", b"")
+    if b"-" in data or b"_" in data:
+        data = data.translate(_URLSAFE)
+    data = data.rstrip(b"=")
+    if len(data) % 4 == 1:
+        raise DecodeError("data is neither JSON nor valid base64 (bad length)")
+    data += b"=" * (-len(data) % 4)
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise DecodeError("data is neither JSON nor valid base64 (invalid characters)") from None
+
+
+def decodeData(data: bytes) -> List[Any]:
+    """
+    Decode one C{data} parameter (raw JSON or base64 of JSON) into a list of
+    records: a single object becomes a list of one.
+    """
+    start = data[:1]
+    if start not in (b"{", b"["):
+        stripped = data.strip()
+        if not stripped:
+            raise DecodeError("data, missing or empty")
+        if stripped[:1] in (b"{", b"["):
+            data = stripped
+        else:
+            data = decodeBase64(stripped).strip()
+            if data[:1] not in (b"{", b"["):
+                raise DecodeError("data must be a JSON object or array")
+            if b"\xed" in data:
+                data = _CESU8_PAIR.sub(_joinSurrogates, data)
+    return _records(data)
+
+
+_CESU8_PAIR = re.compile(rb"\xed([\xa0-\xaf])([\x80-\xbf])\xed([\xb0-\xbf])([\x80-\xbf])")
+
+
+def _joinSurrogates(pair: re.Match[bytes]) -> bytes:
+    """
+    mixpanel-browser's base64 encodes UTF-8 one UTF-16 code unit at a time
+    (CESU-8), so a character past U+FFFF (an emoji) arrives as two encoded
+    surrogates: join them into the character's real UTF-8.
+    """
+    high = ((pair[1][0] & 0x0F) << 6) | (pair[2][0] & 0x3F)
+    low = ((pair[3][0] & 0x0F) << 6) | (pair[4][0] & 0x3F)
+    return chr(0x10000 + (high << 10) + low).encode("utf-8")
+
+
+def _records(data: bytes) -> List[Any]:
+    try:
+        value = codec.loads(data)
+    except ValueError as e:
+        raise DecodeError(f"data is not valid JSON: {e}") from None
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        return [value]
+    raise DecodeError("data must be a JSON object or array")
+
+
+def _parseForm(raw: bytes, into: Dict[str, str], data: List[bytes]) -> None:
+    # parse_qsl on bytes insists on ASCII (a percent-escaped UTF-8 character
+    # raises): parse latin-1 text instead, which maps every byte to one
+    # character and back, so values come out as the exact bytes sent.
+    try:
+        fields = parse_qsl(
+            raw.decode("latin-1"),
+            keep_blank_values=True,
+            max_num_fields=MAX_PARAMETERS,
+            encoding="latin-1",
+        )
+    except ValueError:
+        raise DecodeError(f"more than {MAX_PARAMETERS} parameters") from None
+    for key, value in fields:
+        if key == "data":
+            data.append(value.encode("latin-1"))
+        else:
+            name = key if key.isascii() else key.encode("latin-1").decode("utf-8", "replace")
+            if name not in into:
+                into[name] = (
+                    value if value.isascii() else value.encode("latin-1").decode("utf-8", "replace")
+                )
+
+
+def parseParams(query: bytes) -> Dict[str, str]:
+    """
+    The parameters of a query string other than C{data}, leniently: for
+    answering a request that was refused before it could be decoded.
+    """
+    params: Dict[str, str] = {}
+    # Past the limit, the first fields still say how to answer (verbose=1).
+    query = b"&".join(query.split(b"&", MAX_PARAMETERS)[:MAX_PARAMETERS])
+    with contextlib.suppress(DecodeError):
+        _parseForm(query, params, [])
+    return params
+
+
+def _ndjson(body: bytes) -> Decoded:
+    items: List[Any] = []
+    errors: Dict[int, str] = {}
+    for line in body.split(b"\n"):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            items.append(codec.loads(line))
+        except ValueError as e:
+            errors[len(items)] = f"line is not valid JSON: {e}"
+            items.append(None)
+    return Decoded({}, items, errors, True)
+
+
+def decodeRequest(
+    query: bytes,
+    body: bytes,
+    contentEncoding: Optional[bytes],
+    maxBody: int,
+) -> Decoded:
+    """
+    Decode a request's parameters and records.
+
+    A body whose first non-blank byte is C{{} or C{[} is raw JSON (or ndjson)
+    whatever its Content-Type; any other body is a form, whatever its
+    Content-Type, because browsers' C{sendBeacon} posts forms as text/plain.
+    """
+    params: Dict[str, str] = {}
+    data: List[bytes] = []
+    if query:
+        _parseForm(query, params, data)
+    if body:
+        encoding = (contentEncoding or b"").strip().lower()
+        if encoding in _GZIP_ENCODINGS or body[:2] == _GZIP_MAGIC:
+            body = decompress(body, maxBody)
+        elif encoding not in _IDENTITY:
+            raise DecodeError(
+                f"unsupported Content-Encoding {encoding.decode('latin-1')!r}; send gzip or nothing"
+            )
+        head = body[:1]
+        if head not in (b"{", b"[") and head in (b" ", b"\t", b"\r", b"\n"):
+            body = body.strip()
+            head = body[:1]
+        if head in (b"{", b"["):
+            if data:
+                raise DecodeError("data given both in the query and as a JSON body")
+            try:
+                return Decoded(params, _records(body), {}, True)
+            except DecodeError:
+                if b"\n" not in body:
+                    raise
+            decoded = _ndjson(body)
+            decoded.params = params
+            return decoded
+        _parseForm(body, params, data)
+    if not data:
+        raise DecodeError("data, missing or empty")
+    if len(data) > 1:
+        raise DecodeError("data given more than once")
+    return Decoded(params, decodeData(data[0]))

@@ -1,0 +1,449 @@
+"""
+Reading a journal queue: blocking, so call it from a thread (or a CLI).
+
+Readers never lock anything and may run while the daemon appends: a record
+that runs past the end of the newest segment is one still being written, so
+reading stops there ("not yet") and sees it on a later call.  Once a newer
+segment exists the writer will never touch an older one again, so damage
+in an older segment is logged and skipped instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+from twisted.logger import Logger
+
+from mixingest.journal.framing import (
+    HEADER_SIZE,
+    INCOMPLETE,
+    OK,
+    SegmentScanner,
+    listSegments,
+    segmentPath,
+)
+from mixingest.journal.fsync import syncDirectory
+from mixingest.queues.base import validQueueName
+
+__all__ = [
+    "JournalReader",
+    "Position",
+    "SegmentCounter",
+    "backlogAfter",
+    "deleteConsumedSegments",
+    "listCheckpoints",
+    "listQueues",
+    "loadCheckpoint",
+]
+
+log = Logger()
+
+_CHECKPOINT_NAME = re.compile(r"\Acheckpoint\.([A-Za-z0-9_-]{1,64})\Z")
+
+
+class Position(NamedTuple):
+    """
+    A place in a queue: just after a record, or at the start of a segment.
+
+    @ivar segment: the base sequence number naming the segment file.
+    @ivar offset: the byte offset in that file.
+    @ivar seq: the sequence number of the next record, which makes backlog
+        counting cheap (records are numbered densely within a segment).
+    @ivar crc: the CRC-32 of the record just before C{offset} (0 at a
+        segment start), so that a checkpoint can tell whether that record
+        is still there.
+    """
+
+    segment: int
+    offset: int
+    seq: int
+    crc: int = 0
+
+
+def _segmentStart(base: int) -> Position:
+    return Position(base, HEADER_SIZE, base)
+
+
+def listQueues(dataDir: str) -> List[str]:
+    """
+    @return: the names of the queues in journal directory C{dataDir}, sorted.
+    """
+    try:
+        names = os.listdir(dataDir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if validQueueName(n) and os.path.isdir(os.path.join(dataDir, n)))
+
+
+def listCheckpoints(queueDir: str) -> List[str]:
+    """
+    @return: the names of the checkpoints of queue directory C{queueDir}.
+    """
+    try:
+        names = os.listdir(queueDir)
+    except FileNotFoundError:
+        return []
+    return sorted(m.group(1) for m in map(_CHECKPOINT_NAME.match, names) if m is not None)
+
+
+def _checkpointPath(queueDir: str, name: str) -> str:
+    return os.path.join(queueDir, f"checkpoint.{name}")
+
+
+def loadCheckpoint(queueDir: str, name: str) -> Optional[Position]:
+    """
+    @return: the committed position of checkpoint C{name}, or C{None} if it
+        was never committed.
+    @raise ValueError: if the file is damaged.  Checkpoints are replaced by
+        an atomic rename so this means outside interference; starting over
+        silently could resend gigabytes, so it is left to an operator.
+    """
+    path = _checkpointPath(queueDir, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        fields = json.loads(data)
+        position = Position(fields["segment"], fields["offset"], fields["seq"], fields["crc"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: damaged checkpoint file {data[:100]!r}") from None
+    if not all(isinstance(x, int) and x >= 0 for x in position):
+        raise ValueError(f"{path}: damaged checkpoint file {data[:100]!r}")
+    return position
+
+
+class SegmentCounter:
+    """
+    Counts the valid records of segments, remembering what it counted: a
+    segment that is no longer the newest never changes, and the newest only
+    grows (short of crash recovery, after which it is counted again).
+    """
+
+    def __init__(self, queueDir: str) -> None:
+        self.queueDir = queueDir
+        self._known: Dict[int, Tuple[int, int, bool]] = {}
+
+    def count(self, base: int, sealed: bool) -> Tuple[int, int]:
+        """
+        @param sealed: whether a newer segment exists.
+        @return: C{(records, size)}: valid records and bytes of segment
+            C{base}; C{(0, 0)} if it is gone.
+        """
+        known = self._known.get(base)
+        if known is not None and known[2]:
+            return known[0], known[1]
+        try:
+            scanner = SegmentScanner(segmentPath(self.queueDir, base))
+        except FileNotFoundError:
+            self._known.pop(base, None)
+            return 0, 0
+        try:
+            size = scanner.size()
+            records = 0
+            if scanner.header() == OK:
+                if known is not None and known[1] <= size:
+                    more, end, _ = scanner.scan(known[1])
+                    records = known[0] + more
+                else:
+                    records, end, _ = scanner.scan()
+                # Remember where counting stopped, not the size: the tail may
+                # be a record still being written.
+                self._known[base] = (records, end, sealed)
+        finally:
+            scanner.close()
+        return records, size
+
+    def prune(self, bases: List[int]) -> None:
+        """
+        Forget segments that are not in C{bases} any more.
+        """
+        for base in set(self._known).difference(bases):
+            del self._known[base]
+
+
+def backlogAfter(counter: SegmentCounter, position: Optional[Position]) -> Tuple[int, int]:
+    """
+    @param position: where reading would resume; C{None} for the start.
+    @return: C{(records, bytes)} in the queue after C{position}.  Bytes count
+        framing and any damaged tail too: they measure disk use.
+    """
+    bases = listSegments(counter.queueDir)
+    counter.prune(bases)
+    records = size = 0
+    for i, base in enumerate(bases):
+        if position is not None and base < position.segment:
+            continue
+        n, nbytes = counter.count(base, sealed=i < len(bases) - 1)
+        if position is not None and base == position.segment:
+            records += max(0, n - (position.seq - base))
+            size += max(0, nbytes - position.offset)
+        else:
+            records += n
+            size += max(0, nbytes - HEADER_SIZE)
+    return records, size
+
+
+def deleteConsumedSegments(queueDir: str) -> List[int]:
+    """
+    Delete the segments that every checkpoint has read past.
+
+    For the store-and-forward case, where the journal only holds what a
+    remote queue has not taken yet.  Nothing is deleted if the queue has no
+    checkpoint, and the newest segment never is.
+
+    @return: the base sequence numbers of the deleted segments.
+    """
+    names = listCheckpoints(queueDir)
+    positions = [loadCheckpoint(queueDir, name) for name in names]
+    if not positions or None in positions:
+        return []
+    floor = min(p.segment for p in positions if p is not None)
+    deleted = [base for base in listSegments(queueDir)[:-1] if base < floor]
+    for base in deleted:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(segmentPath(queueDir, base))
+    if deleted:
+        syncDirectory(queueDir)
+        log.info(
+            "journal {queueDir}: deleted {count} consumed segments",
+            queueDir=queueDir,
+            count=len(deleted),
+        )
+    return deleted
+
+
+class JournalReader:
+    """
+    Reads one queue's items in order, optionally from and to a named,
+    durable checkpoint.
+
+    Each item comes with the L{Position} just after it; L{commit} that
+    position once the item is safely elsewhere, and a reader opened later
+    with the same checkpoint name resumes after it.
+    """
+
+    def __init__(self, queueDir: str, checkpointName: Optional[str] = None) -> None:
+        """
+        @param checkpointName: resume from (and L{commit} to) this
+            checkpoint; C{None} to read from the oldest segment and never
+            commit.
+        @raise ValueError: for a bad checkpoint name or a damaged checkpoint.
+        """
+        if checkpointName is not None and not validQueueName(checkpointName):
+            raise ValueError(f"invalid checkpoint name {checkpointName!r}")
+        self.queueDir = queueDir
+        self.checkpointName = checkpointName
+        self.committed: Optional[Position] = (
+            None if checkpointName is None else loadCheckpoint(queueDir, checkpointName)
+        )
+        self._position = self.committed
+        self._verify = self.committed is not None
+        self._scanner: Optional[SegmentScanner] = None
+        self._headerOK = False
+        self._counter = SegmentCounter(queueDir)
+
+    def __enter__(self) -> JournalReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._scanner is not None:
+            self._scanner.close()
+            self._scanner = None
+
+    @property
+    def position(self) -> Optional[Position]:
+        """
+        Where the next L{read} starts; C{None} until there is a first segment.
+        """
+        return self._position
+
+    def seek(self, position: Position) -> None:
+        """
+        Continue reading at C{position} (one that a read returned).
+        """
+        self.close()
+        self._position = position
+
+    def _openSegment(self) -> bool:
+        """
+        Open the segment of the current position (or the oldest, or the
+        next one if it was deleted).
+
+        @return: whether there is a segment to read.
+        """
+        while self._scanner is None:
+            bases = listSegments(self.queueDir)
+            position = self._position
+            if position is None:
+                if not bases:
+                    return False
+                position = _segmentStart(bases[0])
+            elif position.segment not in bases:
+                later = [base for base in bases if base > position.segment]
+                if not later:
+                    return False
+                log.warn(
+                    "journal {queueDir}: segment {segment} is gone, continuing at {base}",
+                    queueDir=self.queueDir,
+                    segment=position.segment,
+                    base=later[0],
+                )
+                position = _segmentStart(later[0])
+            try:
+                self._scanner = SegmentScanner(segmentPath(self.queueDir, position.segment))
+            except FileNotFoundError:
+                continue  # deleted between listing and opening: list again
+            if self._verify:
+                self._verify = False
+                if not self._isRecordBoundary(self._scanner, position):
+                    log.error(
+                        "journal {path}: checkpoint {name} at offset {offset} (seq {seq}) "
+                        "does not match the segment, which lost data in a crash; "
+                        "rereading the segment from its start",
+                        path=self._scanner.path,
+                        name=self.checkpointName,
+                        offset=position.offset,
+                        seq=position.seq,
+                    )
+                    position = _segmentStart(position.segment)
+            self._position = position
+            self._headerOK = False
+        return True
+
+    @staticmethod
+    def _isRecordBoundary(scanner: SegmentScanner, position: Position) -> bool:
+        """
+        Whether C{position} is still where a record ends in its segment.
+
+        It may not be after a machine crash: a reader can read (and commit
+        past) data that was written but not yet fsynced, and the writer then
+        appends in its place after recovery.  Resuming mid-record would stall
+        the reader forever, and resuming at the old offset could skip new
+        records, so the caller rereads the segment (at-least-once) instead.
+        """
+        if position.offset == HEADER_SIZE:
+            return position.seq == position.segment
+        if scanner.header() != OK:
+            return False
+        offset, records, crc = HEADER_SIZE, 0, 0
+        while offset < position.offset:
+            status, _, offset, crc = scanner.recordAt(offset)
+            if status != OK:
+                return False
+            records += 1
+        return (offset, position.segment + records, crc) == (
+            position.offset,
+            position.seq,
+            position.crc,
+        )
+
+    def _nextSegment(self, base: int) -> Optional[int]:
+        for later in listSegments(self.queueDir):
+            if later > base:
+                return later
+        return None
+
+    def read(
+        self, maxItems: int = 1000, maxBytes: int = 1024 * 1024
+    ) -> List[Tuple[Position, bytes]]:
+        """
+        Read the next items, without waiting for more.
+
+        @param maxItems: return at most this many.
+        @param maxBytes: stop before the payloads would add up to more than
+            this, except that one larger item is still returned alone.
+        @return: up to C{maxItems} C{(position after the item, item)}; empty
+            when there is nothing more yet.
+        """
+        out: List[Tuple[Position, bytes]] = []
+        size = 0
+        later: Optional[int] = None
+        while len(out) < maxItems and self._openSegment():
+            scanner = self._scanner
+            position = self._position
+            assert scanner is not None and position is not None
+            if not self._headerOK:
+                status = scanner.header()
+                self._headerOK = status == OK
+            if self._headerOK:
+                status, payload, end, crc = scanner.recordAt(position.offset)
+                if status == OK:
+                    assert payload is not None
+                    if out and size + len(payload) > maxBytes:
+                        break
+                    position = Position(position.segment, end, position.seq + 1, crc)
+                    self._position = position
+                    out.append((position, payload))
+                    size += len(payload)
+                    later = None
+                    continue
+            scanner.forget()
+            if later is None:
+                # The end of the segment, or of what the writer has written so
+                # far.  If the writer moved on to a newer segment, it had
+                # finished this one first: look again, then move on.
+                later = self._nextSegment(position.segment)
+                if later is None:
+                    break
+                continue
+            if not (self._headerOK and status == INCOMPLETE and position.offset == scanner.size()):
+                log.warn(
+                    "journal {path}: damaged data at offset {offset}, skipping to segment {later}",
+                    path=scanner.path,
+                    offset=position.offset,
+                    later=later,
+                )
+            self.close()
+            self._position = _segmentStart(later)
+            later = None
+        return out
+
+    def __iter__(self) -> Iterator[Tuple[Position, bytes]]:
+        """
+        Iterate over the items available now, from the current position.
+        """
+        while True:
+            batch = self.read()
+            if not batch:
+                return
+            yield from batch
+
+    def commit(self, position: Position) -> None:
+        """
+        Durably record that everything up to C{position} is consumed.
+
+        The checkpoint file is replaced atomically (temporary file, fsync,
+        rename, fsync of the directory), so a crash leaves the old or the
+        new checkpoint, never a mix.
+        """
+        if self.checkpointName is None:
+            raise ValueError("this reader has no checkpoint to commit to")
+        path = _checkpointPath(self.queueDir, self.checkpointName)
+        tmp = path + ".tmp"
+        data = json.dumps(position._asdict()).encode("ascii") + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        syncDirectory(self.queueDir)
+        self.committed = position
+
+    def backlog(self) -> Tuple[int, int]:
+        """
+        @return: C{(records, bytes)} after the committed checkpoint (after
+            the start of the queue without one).  Counting reads each
+            segment once; later calls only read what was appended since.
+        """
+        return backlogAfter(self._counter, self.committed)

@@ -1,0 +1,214 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+Prometheus metrics, in a registry of the daemon's own (not the process-wide
+default, so that two daemons in one test process do not collide).
+
+What the funnel already counts for C{/stats} (events stored, in flight,
+rejected, the journal backlog) is read from it at scrape time by
+L{FunnelCollector} rather than counted twice on the hot path; only what
+nothing else keeps (answers by status, latency histograms) is recorded per
+request, through label children looked up once and cached.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from mixingest.httpsite import IngestRequest, IngestSite
+
+if TYPE_CHECKING:
+    from mixingest.funnel import Funnel
+
+__all__ = ["FunnelCollector", "MeteredSite", "Metrics"]
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""
+Seconds.  Few buckets, because observing walks them; from a millisecond (an
+answer without a write) to the queue write timeouts.
+"""
+
+_ENDPOINTS = {
+    path: name
+    for name in ("track", "engage", "groups", "import")
+    for path in (f"/{name}".encode(), f"/{name}/".encode())
+}
+
+
+class Metrics:
+    """
+    The daemon's metrics and its registry.  Reactor-owned.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "mixingest_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ["endpoint", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "mixingest_request_duration_seconds",
+            "Seconds from a request's arrival (whole) to its answer, by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._writes = Histogram(
+            "mixingest_queue_write_duration_seconds",
+            "Seconds a batch took to be stored (or to fail), by queue.",
+            ["queue"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        ProcessCollector(namespace="mixingest", registry=self.registry)
+        self._answers: Dict[str, Dict[int, Any]] = {}
+        self._latencies: Dict[str, Any] = {}
+        self._writeLatencies: Dict[str, Any] = {}
+
+    def answered(self, path: bytes, code: int, seconds: float) -> None:
+        """
+        Count one answer to a request for C{path}, which took C{seconds}.
+        """
+        endpoint = _ENDPOINTS.get(path, "other")
+        answers = self._answers.get(endpoint)
+        if answers is None:
+            answers = self._answers[endpoint] = {}
+            self._latencies[endpoint] = self._latency.labels(endpoint)
+        counter = answers.get(code)
+        if counter is None:
+            counter = answers[code] = self._requests.labels(endpoint, str(code))
+        counter.inc()
+        self._latencies[endpoint].observe(seconds)
+
+    def wrote(self, queue: str, seconds: float) -> None:
+        """
+        Observe one queue write that took C{seconds}.
+        """
+        histogram = self._writeLatencies.get(queue)
+        if histogram is None:
+            histogram = self._writeLatencies[queue] = self._writes.labels(queue)
+        histogram.observe(seconds)
+
+    def exposition(self, accept: Optional[str]) -> Tuple[bytes, str]:
+        """
+        Everything in the registry, in the format the scraper's C{Accept}
+        header asks for (Prometheus text or OpenMetrics).
+
+        @return: the body and its content type.
+        """
+        encoder, contentType = choose_encoder(accept or "")
+        return encoder(self.registry), contentType
+
+
+class FunnelCollector:
+    """
+    The funnel's own figures as metric families, computed at scrape time.
+    """
+
+    def __init__(self, funnel: Funnel) -> None:
+        self.funnel = funnel
+
+    def collect(self) -> Iterator[Metric]:
+        funnel = self.funnel
+        stored = CounterMetricFamily(
+            "mixingest_events_stored", "Events stored, by queue.", labels=["queue"]
+        )
+        storedBytes = CounterMetricFamily(
+            "mixingest_bytes_stored", "Bytes of events stored, by queue.", labels=["queue"]
+        )
+        failed = CounterMetricFamily(
+            "mixingest_events_failed",
+            "Events whose queue write failed (answered 5xx), by queue.",
+            labels=["queue"],
+        )
+        inFlight = GaugeMetricFamily(
+            "mixingest_events_in_flight",
+            "Events handed to a queue and not yet stored.",
+            labels=["queue"],
+        )
+        inFlightBytes = GaugeMetricFamily(
+            "mixingest_bytes_in_flight",
+            "Bytes handed to a queue and not yet stored.",
+            labels=["queue"],
+        )
+        for name, counts in sorted(funnel.queues.items()):
+            stored.add_metric([name], counts.storedEvents)
+            storedBytes.add_metric([name], counts.storedBytes)
+            failed.add_metric([name], counts.failedEvents)
+            inFlight.add_metric([name], counts.events)
+            inFlightBytes.add_metric([name], counts.bytes)
+        yield from (stored, storedBytes, failed, inFlight, inFlightBytes)
+        rejected = CounterMetricFamily(
+            "mixingest_events_rejected",
+            "Valid events refused, by reason (rate_limit, in_flight, backlog, draining).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(funnel.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield CounterMetricFamily(
+            "mixingest_dedupe_hits",
+            "Events answered without storing: already stored.",
+            value=funnel.recent.hits,
+        )
+        yield GaugeMetricFamily(
+            "mixingest_dedupe_entries",
+            "(token, $insert_id) pairs remembered.",
+            value=len(funnel.recent),
+        )
+        yield GaugeMetricFamily(
+            "mixingest_tokens_tracked",
+            "Project tokens with per-token counters.",
+            value=len(funnel.counters),
+        )
+        yield GaugeMetricFamily(
+            "mixingest_journal_backlog_events",
+            "Events in the journal waiting to be forwarded to the remote queue.",
+            value=funnel.backlog,
+        )
+        yield GaugeMetricFamily(
+            "mixingest_ready", "1 when /readyz answers 200.", value=int(funnel.ready())
+        )
+        yield GaugeMetricFamily(
+            "mixingest_draining", "1 while a graceful stop drains.", value=int(funnel.draining)
+        )
+
+
+class MeteredRequest(IngestRequest):
+    """
+    A request that notes when it arrived whole, for the latency histogram.
+    """
+
+    started = 0.0
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.started = self.channel.site.clock.seconds()  # type: ignore[attr-defined]
+        super().requestReceived(command, path, version)
+
+
+class MeteredSite(IngestSite):
+    """
+    The public site, counting every answer and its latency in L{Metrics}.
+
+    twisted.web calls C{log} once for every finished request, so that is
+    where the answer's status is known without touching the handlers.
+    """
+
+    requestFactory = MeteredRequest
+
+    def __init__(self, *args: Any, metrics: Metrics, clock: IReactorTime, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+        self.clock = clock
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        started: float = request.started  # type: ignore[attr-defined]
+        self.metrics.answered(request.path, request.code, self.clock.seconds() - started)
+        super().log(request)

@@ -1,0 +1,3 @@
+"""
+Queue backends: the embedded journal, Redis and Kestrel.
+"""

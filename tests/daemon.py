@@ -1,0 +1,169 @@
+"""
+Run the real C{twistd mixingest} in a subprocess on a free loopback port, for
+tests that need the whole daemon over real sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["Daemon", "freePort", "twistdCommand"]
+
+START_TIMEOUT = 30.0
+ROOT = Path(__file__).resolve().parent.parent
+"""
+The checkout: daemons run the same code as the tests that start them.
+"""
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def twistdCommand() -> List[str]:
+    """
+    twistd from the interpreter running the tests, whatever the venv.
+    """
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def waitForPort(
+    port: int, process: Optional[subprocess.Popen] = None, timeout: float = START_TIMEOUT
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+
+
+class Daemon:
+    """
+    One daemon process.  C{args} are extra C{twistd mixingest} options.
+    """
+
+    def __init__(self, directory: Path, *args: str, port: Optional[int] = None) -> None:
+        self.directory = directory
+        self.dataDir = directory / "data"
+        self.logFile = directory / "twistd.log"
+        self.port = port or freePort()
+        self.adminPort = freePort()
+        self.args: Tuple[str, ...] = args
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> List[str]:
+        return [
+            *twistdCommand(),
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={self.logFile}",
+            "mixingest",
+            f"--listen=tcp:{self.port}:interface=127.0.0.1",
+            f"--data-dir={self.dataDir}",
+            f"--admin-listen=tcp:{self.adminPort}:interface=127.0.0.1",
+            *self.args,
+        ]
+
+    def start(self) -> Daemon:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        with open(self.directory / "output.log", "ab") as output:
+            self.process = subprocess.Popen(
+                self.command(), cwd=self.directory, env=env, stdout=output, stderr=output
+            )
+        try:
+            waitForPort(self.port, self.process)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        """
+        The daemon's log and anything it printed.
+        """
+        text = ""
+        for name in (self.logFile, self.directory / "output.log"):
+            with contextlib.suppress(FileNotFoundError):
+                text += name.read_text(errors="replace")
+        return text
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """
+        Signal the daemon and wait for it to exit; return its exit status.
+        """
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        """
+        Stop gracefully with SIGTERM and check it was graceful: twistd shuts
+        down, then re-raises the signal so its exit status reports it.
+        """
+        status = self.stop(signal.SIGTERM, timeout)
+        log = self.log()
+        assert status == -signal.SIGTERM and "Server Shut Down." in log, (status, log[-3000:])
+        assert "Traceback" not in log, log[-3000:]
+
+    def kill(self) -> int:
+        return self.stop(signal.SIGKILL)
+
+    def request(
+        self,
+        path: str,
+        data: Optional[bytes] = None,
+        headers: Optional[Dict[str, str]] = None,
+        method: Optional[str] = None,
+        timeout: float = 10.0,
+    ) -> Tuple[int, Dict[str, str], bytes]:
+        """
+        One HTTP request; returns status, headers (lower-cased) and body,
+        whatever the status.
+        """
+        req = urllib.request.Request(
+            self.base + path, data=data, headers=headers or {}, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, _lower(response.headers.items()), response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, _lower(e.headers.items()), e.read()
+
+    def items(self, queue: str = "events") -> List[Dict[str, Any]]:
+        """
+        Every item of a journal queue, oldest first, via the journal CLI.
+        """
+        out = subprocess.run(
+            [sys.executable, "-m", "mixingest.journal", "cat", str(self.dataDir), queue],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        ).stdout
+        return [json.loads(line) for line in out.splitlines() if line]
+
+
+def _lower(items: Sequence[Tuple[str, str]]) -> Dict[str, str]:
+    return {k.lower(): v for k, v in items}

@@ -1,0 +1,438 @@
+"""
+The HTTP layer under hostile clients, in memory: an L{IngestSite} channel on a
+string transport with a fake clock, so deadlines are exact and fast.  The same
+attacks go over real sockets in L{tests.test_hostile_requests}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Sequence, Tuple
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mixingest.api import IngestAPI
+from mixingest.cleaning import CleanItem
+from mixingest.httpsite import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    IngestChannel,
+    IngestSite,
+    redactedLogFormatter,
+)
+
+MAX_BODY = 4096
+IDLE = 60.0
+EVENT = b'{"event":"e","properties":{"token":"t"}}'
+
+
+class StubFunnel:
+    def __init__(self) -> None:
+        self.stored: List[Tuple[str, bytes]] = []
+
+    def store(self, kind: str, items: Sequence[CleanItem]) -> Deferred[None]:
+        self.stored.extend((kind, i.payload) for i in items)
+        return succeed(None)
+
+
+class Connection:
+    """
+    One client connection to a fresh site.
+    """
+
+    def __init__(self, **siteArgs: Any) -> None:
+        self.clock = Clock()
+        self.funnel = StubFunnel()
+        api = IngestAPI(self.funnel, self.clock, maxBody=MAX_BODY)  # type: ignore[arg-type]
+        siteArgs.setdefault("timeout", IDLE)
+        self.site = IngestSite(api.resource(), maxBody=MAX_BODY, reactor=self.clock, **siteArgs)
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.channel: IngestChannel = self.site.buildProtocol(address)
+        self.transport = StringTransport(peerAddress=address)
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def answers(self) -> List[Tuple[int, Dict[bytes, bytes], bytes]]:
+        """
+        Parse every answer written so far (all carry a Content-Length).
+        """
+        out = self.transport.value()
+        answers = []
+        while out:
+            head, _, rest = out.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split(b" ")[1])
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get(b"content-length", b"0"))
+            answers.append((status, headers, rest[:length]))
+            out = rest[length:]
+        return answers
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def close(self) -> None:
+        self.channel.connectionLost(None)
+
+
+def get(path: bytes, *headers: bytes) -> bytes:
+    return (
+        b"GET "
+        + path
+        + b" HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+    )
+
+
+def post(path: bytes, body: bytes, *headers: bytes) -> bytes:
+    return (
+        b"POST "
+        + path
+        + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+        + body
+    )
+
+
+def chunked(path: bytes, chunks: Sequence[bytes], end: bool = True) -> bytes:
+    out = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for chunk in chunks:
+        out += b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    return out + (b"0\r\n\r\n" if end else b"")
+
+
+GOOD = b"/track?verbose=1&data=" + EVENT.replace(b'"', b"%22")
+
+
+def test_served() -> None:
+    c = Connection()
+    c.send(get(GOOD))
+    [(status, _, body)] = c.answers()
+    assert (status, json.loads(body)) == (200, {"status": 1, "error": None})
+    assert not c.closed
+    assert len(c.funnel.stored) == 1
+
+
+# -- bodies over the limit ------------------------------------------------------
+
+
+def test_declaredTooLargeAnsweredBeforeBody() -> None:
+    """
+    A Content-Length over the limit is answered 413 as soon as the headers
+    are in, in the style asked for, without reading the body; nothing more
+    is parsed from the connection, which closes.
+    """
+    c = Connection()
+    c.send(
+        b"POST /track?verbose=1 HTTP/1.1\r\nHost: x\r\nOrigin: https://a.example\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    [(status, headers, body)] = c.answers()
+    assert status == 413
+    assert json.loads(body) == {"status": 0, "error": f"body exceeds {MAX_BODY} bytes"}
+    assert headers[b"connection"] == b"close"
+    assert headers[b"access-control-allow-origin"] == b"https://a.example"
+    assert c.closed
+    c.send(b"x" * 100_000 + b"\r\n\r\n" + get(GOOD))
+    assert len(c.answers()) == 1
+    assert c.funnel.stored == []
+
+
+def test_declaredTooLargeNoContinue() -> None:
+    """
+    A client that waits for "100 Continue" gets the 413 instead.
+    """
+    c = Connection()
+    c.send(
+        b"POST /track HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+    )
+    assert c.transport.value().startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in c.transport.value()
+
+
+def test_continueUnderLimit() -> None:
+    c = Connection()
+    c.send(b"POST /track HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    assert c.transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_chunkedOverLimit() -> None:
+    """
+    A chunked body is answered 413 as soon as it passes the limit, before
+    its end; the rest is discarded and the connection closes.
+    """
+    c = Connection()
+    c.send(chunked(b"/track?verbose=1", [b"data=" + b"x" * 1000] * 3, end=False))
+    assert c.answers() == []
+    c.send(b"%x\r\n%s\r\n" % (2000, b"x" * 2000))
+    [(status, _, body)] = c.answers()
+    assert status == 413
+    assert json.loads(body)["error"] == f"body exceeds {MAX_BODY} bytes"
+    assert c.closed
+    c.send(b"%x\r\n%s\r\n0\r\n\r\n" % (2000, b"x" * 2000) + get(GOOD))
+    assert len(c.answers()) == 1
+
+
+def test_chunkedOverLimitInOnePiece() -> None:
+    """
+    The whole oversized chunked request in one read, terminal chunk and a
+    pipelined request included: answered once, 413.
+    """
+    c = Connection()
+    c.send(chunked(b"/track", [b"x" * 3000, b"x" * 3000]) + get(GOOD))
+    [(status, _, body)] = c.answers()
+    assert (status, body) == (413, b"0")
+    assert c.funnel.stored == []
+
+
+def test_chunkedUnderLimit() -> None:
+    c = Connection()
+    c.send(chunked(b"/track", [b"data=", EVENT]))
+    [(status, _, body)] = c.answers()
+    assert (status, body) == (200, b"1")
+    assert not c.closed
+
+
+def test_formBodyNotParsedByTwisted() -> None:
+    """
+    twisted.web would parse a form body into request.args with no field
+    limit (a 10 MB form costs it seconds and hundreds of MB): off; the
+    decoder's limit answers instead.
+    """
+    c = Connection()
+    form = b"&".join(b"f%d=" % i for i in range(500))
+    c.send(post(b"/track?verbose=1", form, b"Content-Type: application/x-www-form-urlencoded"))
+    request = c.site.requestFactory
+    assert request._parsePOSTFormSubmission is False
+    [(_, _, body)] = c.answers()
+    assert json.loads(body)["error"] == "more than 100 parameters"
+
+
+# -- heads ----------------------------------------------------------------------
+
+
+def test_requestLineTooLong() -> None:
+    c = Connection()
+    c.send(b"GET /track?data=" + b"A" * MAX_HEAD_BYTES + b" HTTP/1.1\r\n")
+    [(status, headers, body)] = c.answers()
+    assert status == 414
+    assert body == b"request line longer than %d bytes\n" % MAX_HEAD_BYTES
+    assert headers[b"connection"] == b"close"
+    assert c.closed
+
+
+def test_requestLineTooLongNoNewline() -> None:
+    c = Connection()
+    c.send(b"GET /" + b"A" * (MAX_HEAD_BYTES + 10))
+    [(status, _, _)] = c.answers()
+    assert status == 414
+    assert c.closed
+
+
+def test_headerLineTooLong() -> None:
+    c = Connection()
+    c.send(b"GET /track HTTP/1.1\r\nCookie: " + b"c" * MAX_HEAD_BYTES)
+    [(status, _, body)] = c.answers()
+    assert status == 431
+    assert b"request headers larger than" in body
+
+
+def test_headersTooLargeInTotal() -> None:
+    c = Connection()
+    c.send(b"GET /track HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n")
+    for _ in range(MAX_HEAD_BYTES // 1000):
+        c.send(b"X-Pad: " + b"p" * 1000 + b"\r\n")
+    [(status, _, _)] = c.answers()
+    assert status == 431
+    assert c.closed
+
+
+def test_tooManyHeaders() -> None:
+    c = Connection()
+    c.send(b"GET /track HTTP/1.1\r\n" + b"X: y\r\n" * (MAX_HEADERS + 1) + b"\r\n")
+    [(status, _, body)] = c.answers()
+    assert (status, body) == (431, b"more than %d request headers\n" % MAX_HEADERS)
+
+
+def test_headersAtTheLimitServed() -> None:
+    c = Connection()
+    c.send(get(GOOD, *[b"X: y"] * (MAX_HEADERS - 1)))
+    [(status, _, _)] = c.answers()
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /track HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /track HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        b"POST /track HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST /track HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        b"POST /track HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST /track HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=[
+        "request-line",
+        "header-colon",
+        "header-name",
+        "negative-length",
+        "two-lengths",
+        "transfer-encoding",
+        "chunk-size",
+    ],
+)
+def test_malformed(request_: bytes) -> None:
+    c = Connection()
+    c.send(request_)
+    [(status, _, body)] = c.answers()
+    assert (status, body) == (400, b"malformed request line, header or chunked body\n")
+    assert c.closed
+
+
+# -- deadlines ------------------------------------------------------------------
+
+
+def test_slowHeaders() -> None:
+    """
+    Trickling the head keeps nothing alive past the header deadline: bytes
+    arriving do not push it back.
+    """
+    c = Connection()
+    c.clock.advance(1)
+    c.send(b"GET /track HTTP/1.1\r\n")
+    for _ in range(int(DEFAULT_HEADER_TIMEOUT) - 1):
+        c.clock.advance(1)
+        c.send(b"X: y\r\n")
+        assert not c.closed
+    c.clock.advance(1)
+    [(status, _, body)] = c.answers()
+    assert (status, body) == (408, b"request not received in time\n")
+    assert c.closed
+    c.clock.advance(c.channel.abortTimeout)
+    assert c.transport.disconnected, "a client that does not read is aborted"
+    c.close()
+
+
+def test_silentConnection() -> None:
+    """
+    A connection that never sends a byte is closed at the header deadline,
+    not the idle timeout.
+    """
+    c = Connection()
+    c.clock.advance(DEFAULT_HEADER_TIMEOUT - 0.5)
+    assert not c.closed
+    c.clock.advance(1)
+    assert c.closed
+
+
+def test_slowBody() -> None:
+    c = Connection()
+    c.send(b"POST /track HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+    for _ in range(int(DEFAULT_BODY_TIMEOUT) - 1):
+        c.clock.advance(1)
+        c.send(b"x")
+    assert not c.closed
+    c.clock.advance(1)
+    [(status, _, _)] = c.answers()
+    assert status == 408
+    assert c.closed
+
+
+def test_idleBetweenRequests() -> None:
+    """
+    After an answer the keep-alive idle timeout applies, and each request
+    gets a fresh header deadline.
+    """
+    c = Connection()
+    for _ in range(3):
+        c.send(get(GOOD))
+        c.clock.advance(IDLE - 1)
+        assert not c.closed
+    c.clock.advance(1)
+    assert c.closed
+    assert [a[0] for a in c.answers()] == [200, 200, 200]
+
+
+def test_configurableDeadlines() -> None:
+    c = Connection(headerTimeout=2, bodyTimeout=3)
+    c.send(b"POST /track HTTP/1.1\r\n")
+    c.clock.advance(1.5)
+    c.send(b"Content-Length: 10\r\n\r\n")
+    c.clock.advance(2.5)
+    assert not c.closed
+    c.clock.advance(1)
+    assert c.answers()[0][0] == 408
+
+
+# -- pipelining -----------------------------------------------------------------
+
+
+def test_pipelined() -> None:
+    """
+    Pipelined requests, good and bad, are answered in order on one
+    connection, in one write from the client.
+    """
+    c = Connection()
+    c.send(
+        get(GOOD)
+        + post(b"/track?verbose=1", b"data=not-json!")
+        + get(b"/nowhere")
+        + post(b"/engage", b"data=" + b'{"$token":"t","$distinct_id":"d","$set":{"a":1}}')
+        + get(GOOD)
+    )
+    statuses = [a[0] for a in c.answers()]
+    assert statuses == [200, 200, 404, 200, 200]
+    assert json.loads(c.answers()[1][2])["status"] == 0
+    assert [k for k, _ in c.funnel.stored] == ["track", "engage", "track"]
+    assert not c.closed
+
+
+def test_pipelinedThenTooLarge() -> None:
+    c = Connection()
+    c.send(get(GOOD) + b"POST /track HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n" + b"x" * 1000)
+    assert [a[0] for a in c.answers()] == [200, 413]
+    assert c.closed
+
+
+# -- the access log -------------------------------------------------------------
+
+
+def test_accessLogRedactsApiKey() -> None:
+    """
+    C{api_key} (the Node SDK sends it in the query) never reaches the access
+    log, however its name is escaped.
+    """
+
+    class Logged:
+        uri = b"/import?project_id=1&api_key=s3cret&x=1&API%5Fkey=other"
+        method = b"GET"
+        clientproto = b"HTTP/1.1"
+        code = 401
+        sentLength = 10
+
+        def getClientAddress(self) -> IPv4Address:
+            return IPv4Address("TCP", "127.0.0.1", 1)
+
+        def getHeader(self, name: bytes) -> None:
+            return None
+
+    line = redactedLogFormatter("[now]", Logged())  # type: ignore[arg-type]
+    assert "s3cret" not in line and "other" not in line
+    assert "/import?project_id=1&api_key=REDACTED&x=1&API%5Fkey=REDACTED" in line
+    assert Connection().site._logFormatter is redactedLogFormatter
