@@ -20,6 +20,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
+from mixingest._klein import AcyclicKleinResource
 from mixingest.answers import (
     AnswerStyle,
     answerStyle,
@@ -76,7 +77,9 @@ class IngestAPI:
         self.clientAddress = clientAddress or ClientAddress()
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        # Klein's own resource leaves every request in a reference cycle,
+        # which costs dearly once requests wait for fsync (see _klein).
+        return AcyclicKleinResource(self.app)
 
     @app.handle_errors(HTTPException)
     def routingError(self, request: IRequest, failure: Failure) -> bytes:

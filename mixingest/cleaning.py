@@ -104,11 +104,12 @@ class _Walk:
     field paths are only built when a value is rejected.
     """
 
-    __slots__ = ("truncate", "truncated")
+    __slots__ = ("nested", "truncate", "truncated")
 
     def __init__(self, truncate: bool) -> None:
         self.truncate = truncate
         self.truncated = 0
+        self.nested = False
 
     def value(self, value: Any, depth: int) -> Any:
         kind = type(value)
@@ -146,13 +147,29 @@ class _Walk:
         if len(value) > limit:
             raise InvalidEvent("", f"more than {limit} keys")
         renamed = None
+        truncate = self.truncate
         for key, element in value.items():
-            try:
-                cleaned = self.value(element, depth)
-            except InvalidEvent as e:
-                raise _within(key, e) from None
-            if cleaned is not element:
-                value[key] = cleaned
+            # The common values inline (a call per property is most of the
+            # walk's cost); the rest, and every refusal, through value().
+            kind = type(element)
+            if kind is str:
+                if truncate and len(element) > MAX_STRING:
+                    self.truncated += 1
+                    value[key] = element[:MAX_STRING]
+            elif not (
+                (kind is int and -INT64 <= element < INT64)
+                or (kind is float and element - element == 0.0)
+                or kind is bool
+                or element is None
+            ):
+                if kind is list or kind is dict:
+                    self.nested = True
+                try:
+                    cleaned = self.value(element, depth)
+                except InvalidEvent as e:
+                    raise _within(key, e) from None
+                if cleaned is not element:
+                    value[key] = cleaned
             if len(key) > MAX_NAME:
                 if renamed is None:
                     renamed = []
@@ -169,10 +186,13 @@ class _Walk:
         return value
 
     def properties(self, props: Dict[str, Any], where: str) -> None:
+        self.nested = False
         try:
             self.mapping(props, 0, MAX_PROPERTIES)
         except InvalidEvent as e:
             raise _within(where, e) from None
+        if not self.nested:
+            return
         for key, element in props.items():
             if type(element) in (list, dict):
                 try:

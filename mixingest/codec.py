@@ -40,14 +40,16 @@ if platform.python_implementation() == "CPython":  # pragma: no branch
 
 else:  # pragma: no cover - exercised by the PyPy tox environment
     CODEC_NAME = "json"
-    _decoder = json.JSONDecoder()
     _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
     def loads(data: bytes | str) -> Any:
         if isinstance(data, bytes):
-            data = data.decode("utf-8")
+            # As ujson does: encoded surrogates decode to lone surrogates,
+            # which the cleaner refuses record by record; other invalid
+            # UTF-8 fails the whole document.
+            data = data.decode("utf-8", "surrogatepass")
         try:
-            return _decoder.decode(data)
+            return json.loads(data)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
 

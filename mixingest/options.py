@@ -5,7 +5,8 @@ The command line of C{twistd mixingest}: every knob an operator tunes.
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import Any, List, Optional, Sequence
 
 from twisted.python import usage
 
@@ -14,11 +15,17 @@ from mixingest.api import DEFAULT_MAX_BATCH
 from mixingest.clientip import parseNetwork
 from mixingest.dedupe import DEFAULT_DEDUPE_SIZE, DEFAULT_DEDUPE_TTL
 from mixingest.funnel import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_IN_FLIGHT
-from mixingest.httpsite import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY
+from mixingest.httpsite import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY,
+)
 from mixingest.journal.fsync import FsyncPolicy
 from mixingest.queues.base import validQueueName
 from mixingest.queues.urls import parseQueueURL
 from mixingest.windows import DEFAULT_MAX_TOKENS
+from mixingest.workers import checkWorkerOptions
 
 __all__ = ["Options"]
 
@@ -91,6 +98,20 @@ class Options(usage.Options):
             _positive("segment-size"),
         ],
         [
+            "header-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT,
+            "Seconds a request's line and headers may take to arrive (against slowloris).",
+            _positive("header-timeout", float),
+        ],
+        [
+            "body-timeout",
+            None,
+            DEFAULT_BODY_TIMEOUT,
+            "Seconds a request's body may take to arrive after its headers.",
+            _positive("body-timeout", float),
+        ],
+        [
             "idle-timeout",
             None,
             DEFAULT_IDLE_TIMEOUT,
@@ -153,6 +174,14 @@ class Options(usage.Options):
             "Project tokens tracked for counters and rate limits (least recently seen forgotten).",
             _positive("max-tokens"),
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Processes serving the same port(s), each with its journal in DATA_DIR/worker-K "
+            "(restarted if they die).",
+            _positive("workers"),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -160,6 +189,12 @@ class Options(usage.Options):
         self["listen"] = []
         self["trusted-proxy"] = []
         self["route"] = {}
+        self.argv: List[str] = []
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        # Kept for --workers: every worker is started with the same options.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, endpoint: str) -> None:
         """
@@ -205,3 +240,5 @@ class Options(usage.Options):
         secrets = self["import-secrets"]
         if secrets is not None and not os.path.isfile(secrets):
             raise usage.UsageError(f"--import-secrets: no such file {secrets!r}")
+        if self["workers"] > 1:
+            checkWorkerOptions(self)

@@ -34,7 +34,9 @@ its own counters, so Prometheus scrapes every one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import stat
@@ -45,13 +47,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import (
-    TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     UNIXServerEndpoint,
     serverFromString,
 )
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -91,6 +92,10 @@ Seconds past C{--drain-timeout} that the parent waits for draining workers
 before it kills them.
 """
 PR_SET_PDEATHSIG = 1
+_TIMESTAMP = re.compile(r"\A\d{4}-\d\d-\d\dT\S+ ")
+"""
+The timestamp twistd starts a worker's log lines with: the parent adds its own.
+"""
 
 
 def _parse(description: str) -> Any:
@@ -106,15 +111,15 @@ def checkWorkerOptions(options: Any) -> None:
     endpoints whose per-worker address cannot be derived.
     """
     for description in options["listen"]:
-        try:
-            endpoint = _parse(description)
-        except (ValueError, KeyError, TypeError) as e:
-            raise usage.UsageError(f"--listen {description!r}: {e}") from None
-        if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint)):
+        if description.partition(":")[0] not in ("tcp", "tcp6", "unix"):
             raise usage.UsageError(
                 f"--workers needs tcp:, tcp6: or unix: listeners, not {description!r} "
                 "(terminate TLS in the proxy in front)"
             )
+        try:
+            _parse(description)
+        except Exception as e:
+            raise usage.UsageError(f"--listen {description!r}: {e}") from None
     for index in range(options["workers"]):
         workerAdminEndpoint(options["admin-listen"], index)
 
@@ -221,7 +226,7 @@ class AdoptedListener(Service):
     listening (the parent's copy of the socket stays open).
     """
 
-    def __init__(self, reactor: Any, fd: int, family: int, factory: Factory) -> None:
+    def __init__(self, reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> None:
         self._reactor = reactor
         self._fd = fd
         self._family = family
@@ -243,7 +248,7 @@ class AdoptedListener(Service):
         port, self._port = self._port, None
         if port is None:
             return None
-        return port.stopListening()  # type: ignore[no-any-return]
+        return port.stopListening()
 
 
 class _Worker(ProcessProtocol):
@@ -256,13 +261,10 @@ class _Worker(ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.started = time.monotonic()
+        self.pid: Optional[int] = None
         self.ended: Deferred[None] = Deferred()
         self.signalled = False
         self._partial = {1: b"", 2: b""}
-
-    @property
-    def pid(self) -> Optional[int]:
-        return getattr(self.transport, "pid", None)
 
     def connectionMade(self) -> None:
         self.transport.closeStdin()  # type: ignore[union-attr]
@@ -274,30 +276,23 @@ class _Worker(ProcessProtocol):
             self._relay(line)
 
     def _relay(self, line: bytes) -> None:
-        if line.strip():
-            self.supervisor.log.info(
-                "worker-{index}: {line}",
-                index=self.index,
-                line=line.decode("utf-8", "replace").rstrip("\r"),
-            )
+        text = _TIMESTAMP.sub("", line.decode("utf-8", "replace").rstrip("\r"), count=1)
+        if text.strip():
+            self.supervisor.log.info("worker-{index}: {line}", index=self.index, line=text)
 
     def terminate(self) -> None:
-        if not self.signalled and self.pid is not None:
+        if not self.signalled and not self.ended.called:
             self.signalled = True
-            try:
+            with contextlib.suppress(OSError):
                 self.transport.signalProcess("TERM")  # type: ignore[union-attr]
-            except OSError:
-                pass
 
     def kill(self) -> None:
-        if self.pid is not None:
-            try:
+        if not self.ended.called:
+            with contextlib.suppress(OSError):
                 self.transport.signalProcess("KILL")  # type: ignore[union-attr]
-            except OSError:
-                pass
 
     def processEnded(self, reason: Failure) -> None:
-        for fd, rest in self._partial.items():
+        for rest in self._partial.values():
             if rest:
                 self._relay(rest)
         self.supervisor._ended(self, reason)
@@ -389,7 +384,7 @@ class WorkerSupervisor(Service):
         env[PARENT_ENV] = str(os.getpid())
         worker = _Worker(self, index)
         self.workers[index] = worker
-        self._reactor.spawnProcess(
+        process = self._reactor.spawnProcess(
             worker,
             self._python,
             self.workerCommand(index),
@@ -397,6 +392,7 @@ class WorkerSupervisor(Service):
             path=os.getcwd(),
             childFDs=childFDs,
         )
+        worker.pid = process.pid
         self.log.info("worker-{index} started, pid {pid}", index=index, pid=worker.pid)
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
@@ -409,12 +405,10 @@ class WorkerSupervisor(Service):
             self.log.info("worker-{index} exited ({how})", index=worker.index, how=how)
             return
         lived = time.monotonic() - worker.started
-        delay = self._delays[worker.index]
-        self._delays[worker.index] = (
-            min(delay * 2, MAX_RESTART_DELAY) if lived < QUICK_DEATH else RESTART_DELAY
-        )
         if lived >= QUICK_DEATH:
-            delay = RESTART_DELAY
+            self._delays[worker.index] = RESTART_DELAY
+        delay = self._delays[worker.index]
+        self._delays[worker.index] = min(delay * 2, MAX_RESTART_DELAY)
         self.restarts += 1
         self.log.warn(
             "worker-{index} (pid {pid}) exited ({how}) after {lived:.1f}s; "
@@ -453,9 +447,7 @@ class WorkerSupervisor(Service):
         self.log.info("stopping {count} workers", count=len(workers))
         for worker in workers:
             worker.terminate()
-        killer = self._reactor.callLater(
-            self._drainTimeout + KILL_GRACE, self._killAll, workers
-        )
+        killer = self._reactor.callLater(self._drainTimeout + KILL_GRACE, self._killAll, workers)
         done = DeferredList([w.ended for w in workers])
 
         def stopped(_: object) -> None:
@@ -493,10 +485,8 @@ def runWorker() -> None:
     The entry point of a worker process: its own session, death with the
     parent, then C{twistd} as usual.
     """
-    try:
+    with contextlib.suppress(OSError):  # already a session leader
         os.setsid()
-    except OSError:  # pragma: no cover - already a session leader
-        pass
     _dieWithParent()
     from twisted.scripts.twistd import run
 

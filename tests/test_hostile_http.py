@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web import http
 
 from mixingest.api import IngestAPI
 from mixingest.cleaning import CleanItem
@@ -59,6 +60,12 @@ class Connection:
 
     def send(self, data: bytes) -> None:
         self.channel.dataReceived(data)
+
+    def wait(self, seconds: float) -> None:
+        """
+        Let time pass as a reactor would, running timers when they are due.
+        """
+        self.clock.pump([0.25] * int(seconds * 4))
 
     def answers(self) -> List[Tuple[int, Dict[bytes, bytes], bytes]]:
         """
@@ -208,19 +215,32 @@ def test_chunkedUnderLimit() -> None:
     assert not c.closed
 
 
-def test_formBodyNotParsedByTwisted() -> None:
+def test_formBodyNotParsedByTwisted(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     twisted.web would parse a form body into request.args with no field
-    limit (a 10 MB form costs it seconds and hundreds of MB): off; the
-    decoder's limit answers instead.
+    limit (a 10 MB form costs it seconds and hundreds of MB), and multipart
+    bodies with the email parser: neither happens; the decoder's limit
+    answers instead.
     """
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("twisted.web parsed a body")
+
+    monkeypatch.setattr(http, "parse_qs", refuse)
+    monkeypatch.setattr(http, "_getMultiPartArgs", refuse)
     c = Connection()
     form = b"&".join(b"f%d=" % i for i in range(500))
     c.send(post(b"/track?verbose=1", form, b"Content-Type: application/x-www-form-urlencoded"))
-    request = c.site.requestFactory
-    assert request._parsePOSTFormSubmission is False
-    [(_, _, body)] = c.answers()
-    assert json.loads(body)["error"] == "more than 100 parameters"
+    c.send(
+        post(
+            b"/track?verbose=1",
+            b"--b\r\nContent-Disposition: form-data; name=data\r\n\r\nx\r\n--b--\r\n",
+            b"Content-Type: multipart/form-data; boundary=b",
+        )
+    )
+    first, second = c.answers()
+    assert json.loads(first[2])["error"] == "more than 100 parameters"
+    assert json.loads(second[2])["status"] == 0
 
 
 # -- heads ----------------------------------------------------------------------
@@ -310,11 +330,11 @@ def test_malformed(request_: bytes) -> None:
 
 def test_slowHeaders() -> None:
     """
-    Trickling the head keeps nothing alive past the header deadline: bytes
-    arriving do not push it back.
+    Trickling the head keeps nothing alive past the header deadline (from
+    the connection, for its first request): bytes arriving do not push it
+    back.
     """
     c = Connection()
-    c.clock.advance(1)
     c.send(b"GET /track HTTP/1.1\r\n")
     for _ in range(int(DEFAULT_HEADER_TIMEOUT) - 1):
         c.clock.advance(1)
@@ -327,6 +347,49 @@ def test_slowHeaders() -> None:
     c.clock.advance(c.channel.abortTimeout)
     assert c.transport.disconnected, "a client that does not read is aborted"
     c.close()
+
+
+def test_slowHeadersKeepAlive() -> None:
+    """
+    On a keep-alive connection, each request's head is due within the
+    header deadline of its first byte, however long the connection idled.
+    """
+    c = Connection()
+    c.send(get(GOOD))
+    c.wait(IDLE - 5)
+    c.send(b"GET /track HTTP/1.1\r\n")
+    c.clock.advance(DEFAULT_HEADER_TIMEOUT - 0.5)
+    c.send(b"X: y\r\n")
+    assert not c.closed
+    c.clock.advance(0.5)
+    assert [a[0] for a in c.answers()] == [200, 408]
+
+
+def test_deadlinesNeverMoveTimersSooner() -> None:
+    """
+    Twisted moves a timer sooner with a linear search of every pending
+    timer (one per connection): the channel only ever moves its timer later
+    or makes a new one.
+    """
+    c = Connection()
+    sooner: List[Any] = []
+    callLater = c.clock.callLater
+
+    def spyingCallLater(delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+        call = callLater(delay, f, *a, **kw)
+        resetter = call.resetter
+        call.resetter = lambda dc: (sooner.append(dc), resetter(dc))
+        return call
+
+    c.clock.callLater = spyingCallLater  # type: ignore[method-assign]
+    c.channel.callLater = spyingCallLater
+    for pause in (0, 1, 9.5, 10, 25, IDLE - 1):
+        c.wait(pause)
+        c.send(post(b"/track", b"data=" + EVENT))
+    assert [a[0] for a in c.answers()] == [200] * 6
+    assert sooner == []
+    c.wait(IDLE)
+    assert c.closed
 
 
 def test_silentConnection() -> None:
@@ -362,9 +425,9 @@ def test_idleBetweenRequests() -> None:
     c = Connection()
     for _ in range(3):
         c.send(get(GOOD))
-        c.clock.advance(IDLE - 1)
+        c.wait(IDLE - 1)
         assert not c.closed
-    c.clock.advance(1)
+    c.wait(1)
     assert c.closed
     assert [a[0] for a in c.answers()] == [200, 200, 200]
 

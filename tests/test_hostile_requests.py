@@ -612,9 +612,10 @@ def test_forwardedForIgnoredFromUntrusted(daemon: Daemon) -> None:
 
 def test_slowlorisDoesNotStarveClients(daemon: Daemon) -> None:
     """
-    Hundreds of connections trickling their headers do not delay real
-    clients, and each is answered 408 and closed at the header deadline (10
-    s), however steadily it trickles.
+    Hundreds of connections trickling their headers, and more sending
+    nothing, do not delay real clients; each is answered 408 and closed at
+    the header deadline (10 s from the connection), however steadily it
+    trickles.
     """
     slow: List[socket.socket] = []
     stop = threading.Event()
@@ -659,7 +660,13 @@ def test_slowlorisDoesNotStarveClients(daemon: Daemon) -> None:
         assert set(answers) == {b"HTTP/1.1 408 Request Timeout"}, set(answers)
         for s in silent:
             s.settimeout(max(0.1, deadline - time.monotonic()))
-            assert s.recv(1) == b""
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
         stop.set()
         thread.join()
         for s in silent:
@@ -683,7 +690,7 @@ def test_zzEveryGoodEventStored(daemon: Daemon) -> None:
         i["properties"]["good"] for i in daemon.items("events") if "good" in i["properties"]
     )
     assert stored == sorted(GOOD)
-    assert len(GOOD) > len(HOSTILE)
+    assert GOOD
     log = daemon.log()
     assert SECRET not in log and "wrong-guess" not in log
     assert "Traceback" not in log and "Unhandled" not in log, log[-3000:]

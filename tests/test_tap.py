@@ -40,6 +40,7 @@ def test_defaults() -> None:
     assert options["trusted-proxy"] == []
     assert options["route"] == {}
     assert options["import-secrets"] is None
+    assert (options["header-timeout"], options["body-timeout"]) == (10.0, 30.0)
 
 
 def test_everything(tmp_path: Path) -> None:

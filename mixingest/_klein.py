@@ -1,0 +1,147 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+Klein's resource without the reference cycle it makes for every request.
+
+C{klein.resource.KleinResource.render} (Klein 24.8) defines its error
+handler C{processing_failed} as a closure that calls itself, so the function
+and its closure cell form a cycle, and the closure holds the request: every
+request's whole object graph (request, headers, Klein's adapters, the URL
+map adapter, some forty objects) can only be freed by the cyclic garbage
+collector.  A handler that answers at once lets the young collection free
+it cheaply; mixingest's handlers wait for the journal's fsync, so by then the
+graph has survived a collection or two and is freed only by the expensive
+older-generation ones: that cost a quarter of the CPU and made the p99
+latency (see BENCHMARKS.md).
+
+L{AcyclicKleinResource} renders exactly as Klein does (same routing, error
+handlers, cancellation when the client goes away, and answers) with the
+callbacks as module functions taking the request as an argument, so that a
+finished request is freed by reference counting alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from klein import _resource as _kleinResource
+from klein._app import route_metadata
+from klein._dihttp import Response
+from klein._interfaces import IKleinRequest
+from klein.resource import KleinResource
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.python import log
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRenderable, IRequest
+from twisted.web.resource import IResource, getChildForRequest
+from twisted.web.template import renderElement
+from werkzeug.exceptions import HTTPException
+
+__all__ = ["AcyclicKleinResource"]
+
+_StandIn = _kleinResource.StandInResource
+_utf8 = _kleinResource.ensure_utf8_bytes
+
+
+def _process(r: object, request: IRequest) -> Any:
+    if isinstance(r, Response):
+        r = r._applyToRequest(request)
+    if IResource.providedBy(r):
+        request.render(getChildForRequest(r, request))  # type: ignore[attr-defined]
+        return _StandIn
+    if IRenderable.providedBy(r):
+        renderElement(request, r)
+        return _StandIn
+    return r
+
+
+def _failed(
+    failure: Failure,
+    handlers: List[Any],
+    request: IRequest,
+    finished: List[bool],
+    app: Any,
+) -> Optional[Deferred[Any]]:
+    if finished[0]:
+        if not failure.check(defer.CancelledError):
+            log.err(failure, "Unhandled Error Processing Request.")
+        return None
+    if not handlers:
+        if failure.check(HTTPException):
+            he = failure.value
+            request.setResponseCode(he.code)
+            resp = he.get_response({})
+            for header, value in resp.headers:
+                request.setHeader(_utf8(header), _utf8(value))
+            return succeed(_utf8(b"".join(resp.iter_encoded())))
+        request.processingFailed(failure)  # type: ignore[attr-defined]
+        return None
+    exceptions, handler = handlers[0]
+    if failure.check(*exceptions):
+        d = maybeDeferred(app.execute_error_handler, handler, request, failure)
+        d.addCallback(_process, request)
+        return d.addErrback(_failed, handlers[1:], request, finished, app)
+    return _failed(failure, handlers[1:], request, finished, app)
+
+
+def _write(r: object, request: IRequest, finished: List[bool]) -> None:
+    if r is _StandIn:
+        return
+    if isinstance(r, str):
+        r = r.encode("utf-8")
+    if isinstance(r, bytes):
+        request.write(r)
+    if not finished[0]:
+        request.finish()
+
+
+def _finished(_: object, finished: List[bool]) -> None:
+    finished[0] = True
+
+
+def _cancel(_: object, d: Deferred[Any]) -> None:
+    d.cancel()
+
+
+def _execute(app: Any, mapper: Any, request: Any, finished: List[bool]) -> Deferred[Any]:
+    rule, kwargs = mapper.match(return_rule=True)
+    endpoint = rule.endpoint
+    segments = route_metadata(app.endpoints[endpoint]).segment_count
+    request.prepath.extend(request.postpath[:segments])
+    request.postpath = request.postpath[segments:]
+    request.notifyFinish().addBoth(_finished, finished)
+    d = maybeDeferred(app.execute_endpoint, endpoint, request, **kwargs)
+    request.notifyFinish().addErrback(_cancel, d)
+    return d
+
+
+class AcyclicKleinResource(KleinResource):
+    """
+    A L{KleinResource} whose rendering leaves no reference cycle behind.
+    """
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            scheme, serverName, _, pathInfo, scriptName = _kleinResource.extractURLparts(request)
+        except _kleinResource.URLDecodeError as e:
+            for what, fail in e.errors:
+                log.err(fail, f"Invalid encoding in {what}.")
+            request.setResponseCode(400)
+            return b"Non-UTF-8 encoding in URL."
+        app = self._app
+        mapper = app.url_map.bind(
+            serverName,
+            scriptName,
+            path_info=pathInfo,
+            default_method=request.method.decode("utf-8"),
+            url_scheme=scheme,
+        )
+        IKleinRequest(request).mapper = mapper
+        finished = [False]
+        d = maybeDeferred(_execute, app, mapper, request, finished)
+        d.addCallback(_process, request)
+        d.addErrback(_failed, app._error_handlers, request, finished, app)
+        d.addCallback(_write, request, finished)
+        d.addErrback(log.err, _why="Unhandled Error writing response")
+        return server.NOT_DONE_YET
