@@ -90,8 +90,14 @@ def setCommonHeaders(request: IRequest) -> None:
     headers.setRawHeaders(b"cache-control", [b"no-cache, no-store"])
 
 
+_PHRASES = {429: b"Too Many Requests"}
+"""
+Reason phrases twisted.web does not know (it would send C{Unknown Status}).
+"""
+
+
 def _finish(request: IRequest, status: int, contentType: bytes, body: bytes) -> bytes:
-    request.setResponseCode(status)
+    request.setResponseCode(status, _PHRASES.get(status))
     headers = request.responseHeaders
     headers.setRawHeaders(b"content-type", [contentType])
     headers.setRawHeaders(b"content-length", [b"%d" % len(body)])

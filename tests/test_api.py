@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from mixingest.api import IngestAPI
 from mixingest.auth import ImportSecrets
 from mixingest.clientip import ClientAddress
+from mixingest.errors import RateLimited
 from mixingest.funnel import Funnel
 from mixingest.queues.base import QueueUnavailable
 
@@ -253,6 +254,19 @@ def test_queueDown(h: Harness) -> None:
     assert code == 503
     assert headers[b"Retry-After"] == [b"5"]
     assert json.loads(body) == {"status": 0, "error": "queue unavailable: connection refused"}
+
+
+def test_rateLimited(h: Harness) -> None:
+    def refuse(endpoint: str, items: object) -> None:
+        raise RateLimited("over 10 events/s for this token; retry", 2)
+
+    h.funnel.store = refuse  # type: ignore[method-assign]
+    result: List[Any] = []
+    h.treq.get(f"http://mixingest.test/track?verbose=1&data={B64}").addCallback(result.append)
+    h.treq.flush()
+    (response,) = result
+    assert (response.code, response.phrase) == (429, b"Too Many Requests")
+    assert response.headers.getRawHeaders(b"retry-after") == [b"2"]
 
 
 def test_answerOnlyAfterStored(h: Harness) -> None:
