@@ -2,8 +2,8 @@
 C{twistd mixingest}: build the daemon's service tree from its options.
 
 The tree, in start order (it stops in reverse, one child at a time): the
-journal, the remote queue if any (with store-and-forward through the
-journal), the admin listener (stopped after the drain, so C{/readyz} and
+queue (the journal, or a remote queue whose store-and-forward service owns
+the journal), the admin listener (stopped after the drain, so C{/readyz} and
 C{/stats} answer during it), the funnel, one listening endpoint per
 C{--listen}, and L{FrozenHeap}.  With C{--workers N} (N > 1) the tree is
 only a L{WorkerSupervisor<mixingest.workers.WorkerSupervisor>}: each worker
