@@ -5,19 +5,12 @@ graceful restart and a C{kill -9}.
 
 from __future__ import annotations
 
-import base64
 import json
-import signal
-import threading
+import socket
 import urllib.parse
 from pathlib import Path
-from typing import List
 
-from tests.daemon import Daemon
-
-
-def encoded(obj: object) -> str:
-    return urllib.parse.quote(base64.b64encode(json.dumps(obj).encode()))
+from tests.daemon import Daemon, Flood, encoded
 
 
 def track(daemon: Daemon, n: int, prefix: str) -> None:
@@ -63,33 +56,31 @@ def test_killNineKeepsAcknowledged(tmp_path: Path) -> None:
     restart, and nothing torn may be served.
     """
     daemon = Daemon(tmp_path).start()
-    acknowledged: List[int] = []
-    stop = threading.Event()
-
-    def client(offset: int) -> None:
-        n = offset
-        while not stop.is_set() and n < offset + 100_000:
-            event = {"event": "e", "properties": {"token": "tok", "n": n}}
-            try:
-                _status, _, body = daemon.request(f"/track?data={encoded(event)}", timeout=5)
-            except OSError:
-                return
-            if body == b"1":
-                acknowledged.append(n)
-            n += 1
-
-    threads = [threading.Thread(target=client, args=(k * 1_000_000,)) for k in range(4)]
-    for t in threads:
-        t.start()
+    flood = Flood(daemon).start()
     try:
-        while len(acknowledged) < 500:
-            threading.Event().wait(0.05)
-        daemon.stop(signal.SIGKILL)
+        flood.waitFor(500)
+        daemon.kill()
     finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
+        flood.stop()
     daemon = Daemon(tmp_path, port=daemon.port).start()
     daemon.terminate()
     stored = {i["properties"]["n"] for i in daemon.items("events")}
-    assert set(acknowledged) <= stored
+    assert set(flood.acknowledged) <= stored
+
+
+def test_takenPortIsChosenAgain(tmp_path: Path) -> None:
+    """
+    The fixture survives losing its chosen port before the daemon binds
+    it, as when a client socket's ephemeral port takes it (bound, not
+    listening).
+    """
+    daemon = Daemon(tmp_path)
+    taken = daemon.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        daemon.start()
+    try:
+        assert daemon.port != taken
+        assert daemon.request("/track?data=W10=")[0] == 200
+    finally:
+        daemon.terminate()
