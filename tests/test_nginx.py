@@ -92,15 +92,17 @@ def proxied(tmp_path: Path) -> Iterator[Tuple[int, List[Daemon]]]:
     nginxDir.mkdir()
     port = freePort()
     user = f"user {pwd.getpwuid(0).pw_name};" if os.geteuid() == 0 else ""
-    (nginxDir / "nginx.conf").write_text(
-        NGINX_CONF.format(
-            user=user, dir=nginxDir, port=port, first=daemons[0].port, second=daemons[1].port
-        )
-    )
     process: Optional[subprocess.Popen] = None
     try:
         for daemon in daemons:
             daemon.start()
+        # Only now are the daemons' ports final: start() moves to a new port
+        # when the one it picked was taken before the daemon could bind it.
+        (nginxDir / "nginx.conf").write_text(
+            NGINX_CONF.format(
+                user=user, dir=nginxDir, port=port, first=daemons[0].port, second=daemons[1].port
+            )
+        )
         process = subprocess.Popen(
             [
                 binary,
