@@ -42,12 +42,17 @@ MILLISECONDS_FROM = 10**11
 A C{time} at or past this is milliseconds: as seconds it would be the year
 5138, as milliseconds it is 1973.
 """
+MAX_TIME = 10**14
+"""
+Times at or past this are refused: as milliseconds, the year 5138.
+"""
 IMPORT_EARLIEST = 31536000
 """
 1971-01-01T00:00:00Z: Mixpanel's C{/import} refuses anything older.
 """
 INT64 = 1 << 63
 INSERT_ID = re.compile(r"\A[A-Za-z0-9-]{1,36}\Z")
+_INSERT_ID = INSERT_ID.match
 
 ENGAGE_OPERATIONS = (
     "$set",
@@ -148,16 +153,18 @@ class _Walk:
             raise InvalidEvent("", f"more than {limit} keys")
         renamed = None
         truncate = self.truncate
+        # Constants as locals: this loop runs for every property of every event.
+        maxString, maxName, low, high = MAX_STRING, MAX_NAME, -INT64, INT64
         for key, element in value.items():
             # The common values inline (a call per property is most of the
             # walk's cost); the rest, and every refusal, through value().
             kind = type(element)
             if kind is str:
-                if truncate and len(element) > MAX_STRING:
+                if len(element) > maxString and truncate:
                     self.truncated += 1
-                    value[key] = element[:MAX_STRING]
+                    value[key] = element[:maxString]
             elif not (
-                (kind is int and -INT64 <= element < INT64)
+                (kind is int and low <= element < high)
                 or (kind is float and element - element == 0.0)
                 or kind is bool
                 or element is None
@@ -170,7 +177,7 @@ class _Walk:
                     raise _within(key, e) from None
                 if cleaned is not element:
                     value[key] = cleaned
-            if len(key) > MAX_NAME:
+            if len(key) > maxName:
                 if renamed is None:
                     renamed = []
                 renamed.append(key)
@@ -234,16 +241,26 @@ def normaliseTime(value: Any, field: str) -> float | int:
     Values at or past 10**11 are milliseconds and are divided by 1000; the
     result keeps millisecond precision and is an integer when whole.
     """
-    if type(value) not in (int, float):
+    kind = type(value)
+    if kind is int:
+        # Whole seconds as they are; whole milliseconds divided without
+        # round(), which would not change the quotient (the double nearest a
+        # number of milliseconds is what the division gives) and costs as
+        # much as the rest of this function.
+        if 0 < value < MILLISECONDS_FROM:
+            return value
+        if MILLISECONDS_FROM <= value < MAX_TIME:
+            seconds, milliseconds = divmod(value, 1000)
+            return seconds if not milliseconds else value / 1000
+    elif kind is not float:
         raise InvalidEvent(field, "must be a number of seconds or milliseconds since the epoch")
-    if not 0 < value < 10**14:
+    if not 0 < value < MAX_TIME:
         raise InvalidEvent(field, "out of range")
     if value >= MILLISECONDS_FROM:
         value = value / 1000
-    if type(value) is float:
-        value = round(value, 3)
-        if value.is_integer():
-            return int(value)
+    value = round(value, 3)
+    if value.is_integer():
+        return int(value)
     return value
 
 
@@ -276,6 +293,13 @@ def _insertId(value: Any, field: str) -> Optional[str]:
     return value
 
 
+_cleanItem = tuple.__new__
+"""
+Makes a L{CleanItem} without the generated C{__new__}, a Python call per
+event.
+"""
+
+
 def _encode(record: Dict[str, Any]) -> bytes:
     try:
         payload = codec.dumps(record)
@@ -292,6 +316,9 @@ _EVENT_FIELDS = ("event", "properties")
 
 
 def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanItem:
+    # The hot path of every batch: the common case (short strings, a
+    # well-formed token, $insert_id and distinct_id) is checked inline, and
+    # only a value that fails it goes through the helper that says why.
     if type(record) is not dict:
         raise InvalidEvent("", "each event must be a JSON object")
     name = record.get("event")
@@ -312,9 +339,16 @@ def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanI
             token = props["token"] = next(iter(tokens))
         elif type(token) is not str or token not in tokens:
             raise InvalidEvent("properties.token", "not a project the credentials are for")
-    token = _token(token, "properties.token")
-    insertId = _insertId(props.get("$insert_id"), "properties.$insert_id")
-    _distinctId(props.get("distinct_id"), "properties.distinct_id", False)
+    if type(token) is not str or not 0 < len(token) <= MAX_STRING:
+        _token(token, "properties.token")
+    insertId = props.get("$insert_id")
+    if insertId is not None and (type(insertId) is not str or _INSERT_ID(insertId) is None):
+        _insertId(insertId, "properties.$insert_id")
+    distinctId = props.get("distinct_id")
+    if distinctId is not None and (
+        type(distinctId) is not str or not 0 < len(distinctId) <= MAX_STRING
+    ):
+        _distinctId(distinctId, "properties.distinct_id", False)
     walk.properties(props, "properties")
     if len(record) > 2:
         walk.others(record, _EVENT_FIELDS)
@@ -332,16 +366,16 @@ def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanI
     if context.ip is not None and "ip" not in props:
         props["ip"] = context.ip
     record["received_at"] = context.received
-    return CleanItem(token, insertId, _encode(record))
+    return _cleanItem(CleanItem, (token, insertId, _encode(record)))
 
 
 def _update(
     record: Any,
     context: Context,
     walk: _Walk,
-    identity: Tuple[str, ...],
-    operations: Tuple[str, ...],
+    rule: Tuple[Tuple[str, ...], Tuple[str, ...]],
 ) -> CleanItem:
+    identity, operations = rule
     if type(record) is not dict:
         raise InvalidEvent("", "each update must be a JSON object")
     token = _token(record.get("$token"), "$token")
@@ -373,30 +407,18 @@ def _update(
     if context.ip is not None and "$ip" not in record and identity == ("$distinct_id",):
         record["$ip"] = context.ip
     record["received_at"] = context.received
-    return CleanItem(token, None, _encode(record))
+    return _cleanItem(CleanItem, (token, None, _encode(record)))
 
 
-def _track(record: Any, context: Context, walk: _Walk) -> CleanItem:
-    return _event(record, context, walk, False)
+_ENGAGE = (("$distinct_id",), ENGAGE_OPERATIONS)
+_GROUPS = (("$group_key", "$group_id"), GROUP_OPERATIONS)
 
-
-def _import(record: Any, context: Context, walk: _Walk) -> CleanItem:
-    return _event(record, context, walk, True)
-
-
-def _engage(record: Any, context: Context, walk: _Walk) -> CleanItem:
-    return _update(record, context, walk, ("$distinct_id",), ENGAGE_OPERATIONS)
-
-
-def _groups(record: Any, context: Context, walk: _Walk) -> CleanItem:
-    return _update(record, context, walk, ("$group_key", "$group_id"), GROUP_OPERATIONS)
-
-
-_CLEANERS: Dict[str, Tuple[Callable[[Any, Context, _Walk], CleanItem], bool]] = {
-    "track": (_track, True),
-    "import": (_import, True),
-    "engage": (_engage, False),
-    "groups": (_groups, False),
+_CLEANERS: Dict[str, Tuple[Callable[[Any, Context, _Walk, Any], CleanItem], bool, Any]] = {
+    # endpoint: (cleaner, whether long strings are truncated, the cleaner's rule)
+    "track": (_event, True, False),
+    "import": (_event, True, True),
+    "engage": (_update, False, _ENGAGE),
+    "groups": (_update, False, _GROUPS),
 }
 
 ENDPOINTS = tuple(_CLEANERS)
@@ -410,13 +432,13 @@ def clean(endpoint: str, records: List[Any], context: Context) -> Cleaned:
     does; profile and group updates are checked but never truncated, because
     Mixpanel keeps long profile values.
     """
-    cleaner, truncate = _CLEANERS[endpoint]
+    cleaner, truncate, rule = _CLEANERS[endpoint]
     walk = _Walk(truncate)
     items: List[CleanItem] = []
     failures: List[Tuple[int, InvalidEvent, Optional[str]]] = []
     for index, record in enumerate(records):
         try:
-            items.append(cleaner(record, context, walk))
+            items.append(cleaner(record, context, walk, rule))
         except InvalidEvent as e:
             failures.append((index, e, _failedInsertId(record)))
     return Cleaned(items, failures, walk.truncated)

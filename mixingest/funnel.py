@@ -19,6 +19,8 @@ counter comparison or a dict lookup, O(1) per event.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
@@ -126,6 +128,8 @@ class QueueCounts:
             "failed": {"requests": self.failedRequests, "events": self.failedEvents},
         }
 
+
+_TOKEN, _INSERT_ID, _PAYLOAD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 _Group = Tuple[str, List[bytes], List[Key]]
 """
@@ -267,7 +271,21 @@ class Funnel(Service):
         C{items} grouped by token (in order within each), without those whose
         C{(token, $insert_id)} was stored within the dedupe window.
         """
-        seen = self.recent.seen
+        if not items:
+            return []
+        recent = self.recent
+        tokens = set(map(_TOKEN, items))
+        if len(tokens) == 1:
+            # One token, as nearly every request has: its group is built by
+            # loops in C, and unless the window holds one of its keys, no
+            # lookup per event either.
+            insertIds = list(map(_INSERT_ID, items))
+            if None in insertIds:
+                insertIds = [i for i in insertIds if i is not None]
+            keys = list(zip(repeat(tokens.pop()), insertIds))
+            if not keys or not recent.holdsAny(keys):
+                return [(items[0][0], list(map(_PAYLOAD, items)), keys)]
+        seen = recent.seen
         groups: Dict[str, _Group] = {}
         for token, insertId, payload in items:
             group = groups.get(token)

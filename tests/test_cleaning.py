@@ -8,9 +8,13 @@ import json
 from typing import Any, Dict
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mixingest.cleaning import (
     MAX_ITEM_BYTES,
+    MAX_TIME,
+    MILLISECONDS_FROM,
     CleanItem,
     Context,
     clean,
@@ -72,7 +76,20 @@ def test_timeNormalised(given: float, expected: float) -> None:
     assert type(normaliseTime(given, "time")) is type(expected)
 
 
-@pytest.mark.parametrize("bad", ["1700000000", True, None, -1, 0, 1e15, float("nan"), [1]])
+@settings(max_examples=2000)
+@given(st.integers(min_value=MILLISECONDS_FROM, max_value=MAX_TIME - 1))
+def test_millisecondsExact(milliseconds: int) -> None:
+    """
+    Whole milliseconds are divided without round(): the same number as
+    rounding the quotient to milliseconds, an integer when whole.
+    """
+    expected = round(milliseconds / 1000, 3)
+    normalised = normaliseTime(milliseconds, "time")
+    assert normalised == expected
+    assert type(normalised) is (int if expected.is_integer() else float)
+
+
+@pytest.mark.parametrize("bad", ["1700000000", True, None, -1, 0, 1e15, 10**14, float("nan"), [1]])
 def test_timeRejected(bad: Any) -> None:
     with pytest.raises(InvalidEvent):
         normaliseTime(bad, "time")

@@ -67,6 +67,16 @@ def test_rememberAgainRenews() -> None:
     assert recent.seen(("tok", "a"), 17.0)
 
 
+def test_holdsAny() -> None:
+    recent = RecentInsertIds(maxSize=4, ttl=60)
+    recent.remember([("tok", "a"), ("tok", "b")], 0.0)
+    assert recent.holdsAny([("tok", "x"), ("tok", "b")])
+    assert not recent.holdsAny([("tok", "x"), ("other", "a")])
+    recent.remember([("tok", "c")], 1.0)  # the generation turns over: a and b are previous
+    assert recent.holdsAny([("tok", "a")])
+    assert not recent.holdsAny([])
+
+
 @pytest.mark.parametrize("size, ttl", [(1, 1), (2, 0)])
 def test_boundsMustBePositive(size: int, ttl: float) -> None:
     with pytest.raises(ValueError):
@@ -93,8 +103,9 @@ def test_agreesWithNaiveModel(
     Against a model that keeps every pair's last store time and position in
     the sequence of stores: matched only if stored less than C{ttl} ago
     (never a wrong dedupe, which would lose an event), always matched if
-    also fewer than C{size // 2} stores came after it, and never more than
-    C{size} pairs held.
+    also fewer than C{size // 2} stores came after it, never matched in a
+    batch that L{RecentInsertIds.holdsAny} says is not held, and never more
+    than C{size} pairs held.
     """
     recent = RecentInsertIds(size, ttl)
     storedAt: Dict[Tuple[str, str], Tuple[float, int]] = {}
@@ -108,8 +119,11 @@ def test_agreesWithNaiveModel(
                 stores += 1
                 storedAt[key] = (now, stores)
         else:
+            held = recent.holdsAny(batch)
             for key in batch:
                 matched = recent.seen(key, now)
+                # The funnel skips seen() for a batch none of whose keys is held.
+                assert held or not matched
                 when, position = storedAt.get(key, (float("-inf"), 0))
                 young = now - when < ttl
                 assert not matched or young
