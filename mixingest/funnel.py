@@ -271,9 +271,15 @@ class Funnel(Service):
         C{items} grouped by token (in order within each), without those whose
         C{(token, $insert_id)} was stored within the dedupe window.
         """
+        recent = self.recent
+        if len(items) == 1:
+            token, insertId, payload = items[0]
+            if insertId is None:
+                return [(token, [payload], [])]
+            key = (token, insertId)
+            return [] if recent.seen(key, now) else [(token, [payload], [key])]
         if not items:
             return []
-        recent = self.recent
         tokens = set(map(_TOKEN, items))
         if len(tokens) == 1:
             # One token, as nearly every request has: its group is built by
