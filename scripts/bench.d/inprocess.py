@@ -21,7 +21,6 @@ import pstats
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import floor
+from events import event
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -65,24 +65,6 @@ class GroupedQueue:
         pending, self.pending = self.pending, []
         for d in pending:
             d.callback(None)
-
-
-def event() -> Dict[str, Any]:
-    return {
-        "event": "Signed Up",
-        "properties": {
-            "token": "bench-token",
-            "distinct_id": "user-4242",
-            "time": 1718000000123,
-            "$browser": "Chrome",
-            "$os": "Linux",
-            "$current_url": "https://example.com/signup?ref=bench",
-            "mp_lib": "web",
-            "$lib_version": "2.55.0",
-            "plan": "pro",
-            "$insert_id": str(uuid.uuid4()),
-        },
-    }
 
 
 def quoted(data: bytes) -> bytes:
