@@ -271,6 +271,8 @@ class Funnel(Service):
         C{items} grouped by token (in order within each), without those whose
         C{(token, $insert_id)} was stored within the dedupe window.
         """
+        if not items:
+            return []
         recent = self.recent
         if len(items) == 1:
             token, insertId, payload = items[0]
@@ -278,19 +280,18 @@ class Funnel(Service):
                 return [(token, [payload], [])]
             key = (token, insertId)
             return [] if recent.seen(key, now) else [(token, [payload], [key])]
-        if not items:
-            return []
         tokens = set(map(_TOKEN, items))
         if len(tokens) == 1:
             # One token, as nearly every request has: its group is built by
             # loops in C, and unless the window holds one of its keys, no
             # lookup per event either.
+            (token,) = tokens
             insertIds = list(map(_INSERT_ID, items))
             if None in insertIds:
                 insertIds = [i for i in insertIds if i is not None]
-            keys = list(zip(repeat(tokens.pop()), insertIds))
+            keys = list(zip(repeat(token), insertIds))
             if not keys or not recent.holdsAny(keys):
-                return [(items[0][0], list(map(_PAYLOAD, items)), keys)]
+                return [(token, list(map(_PAYLOAD, items)), keys)]
         seen = recent.seen
         groups: Dict[str, _Group] = {}
         for token, insertId, payload in items:

@@ -24,11 +24,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
+from floor import encodeWithAddress
 from twisted.internet.task import Clock
 
-from mixingest import codec
 from mixingest.cleaning import Context, clean
 from mixingest.decoding import decodeRequest
 from mixingest.dedupe import RecentInsertIds
@@ -67,14 +68,6 @@ class _NoQueue:
         return {}
 
 
-def floorWork(records: List[Any]) -> List[bytes]:
-    out = []
-    for record in records:
-        record["properties"]["ip"] = "127.0.0.1"
-        out.append(codec.dumps(record))
-    return out
-
-
 def main(repetitions: int) -> None:
     context = Context(1718000000.123, "127.0.0.1", None)
     results: Dict[str, List[float]] = {}
@@ -95,7 +88,7 @@ def main(repetitions: int) -> None:
             bodies,
         )
         copies = [copy.deepcopy(d.items) for d in decoded]
-        timed("floor: address + encode", floorWork, copies)
+        timed("floor: address + encode", lambda r: encodeWithAddress(r, "127.0.0.1"), copies)
         cleaned = timed("clean (with encode)", lambda d: clean("track", d.items, context), decoded)
         recent = RecentInsertIds()
         funnel = Funnel(_NoQueue(), Clock(), recent=recent)  # type: ignore[arg-type]

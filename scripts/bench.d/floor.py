@@ -29,6 +29,22 @@ METHODS = ["GET", "POST", "OPTIONS"]
 app = Klein()
 
 
+def encodeWithAddress(records, ip):
+    """
+    The floor's work per record: the client address added, encoded again.
+    """
+    kept = []
+    for record in records:
+        if ip is not None and type(record) is dict:
+            props = record.get("properties")
+            if type(props) is dict:
+                props["ip"] = ip
+            else:
+                record["$ip"] = ip
+        kept.append(codec.dumps(record))
+    return kept
+
+
 @app.route(ROUTE, methods=METHODS)
 @app.route(ROUTE + "/", methods=METHODS, endpoint="slash")
 def ingest(request, kind):
@@ -40,15 +56,7 @@ def ingest(request, kind):
     ip = None
     if decoded.params.get("ip", "1" if kind == "engage" else "0") == "1":
         ip = request.getClientAddress().host
-    kept = []
-    for record in decoded.items:
-        if ip is not None and type(record) is dict:
-            props = record.get("properties")
-            if type(props) is dict:
-                props["ip"] = ip
-            else:
-                record["$ip"] = ip
-        kept.append(codec.dumps(record))
+    kept = encodeWithAddress(decoded.items, ip)
     if decoded.raw and kind == "import":
         answer = b'{"code":200,"num_records_imported":%d,"status":"OK"}' % len(kept)
         contentType = b"application/json"
