@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
+from klein import Response
 from klein import _resource as _kleinResource
 from klein._app import route_metadata
-from klein._dihttp import Response
-from klein._interfaces import IKleinRequest
+from klein.interfaces import IKleinRequest
 from klein.resource import KleinResource
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred, succeed

@@ -7,7 +7,8 @@ read per-project figures or make the daemon look unready.
   - C{/healthz}: 200 while the process serves at all (liveness).
   - C{/readyz}: 200 only when a request now would be stored: the queue
     path works and the journal backlog is under its bound, and the daemon
-    is not draining; 503 otherwise (readiness, for load balancers).
+    is not stopping (from the start of the shutdown grace, while it still
+    serves) nor draining; 503 otherwise (readiness, for load balancers).
   - C{/stats}: the funnel's L{status<mixingest.funnel.Funnel.status>} as
     JSON.
   - C{/metrics}: Prometheus exposition of the daemon's registry.
@@ -25,12 +26,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from mixingest.defaults import DEFAULT_ADMIN_LISTEN
 from mixingest.funnel import Funnel
-from mixingest.httpsite import IngestSite
+from mixingest.httpsite import HardenedSite
 
-__all__ = ["DEFAULT_ADMIN_LISTEN", "AdminAPI", "AdminService"]
-
-DEFAULT_ADMIN_LISTEN = "tcp:8001:interface=127.0.0.1"
+__all__ = ["DEFAULT_ADMIN_LISTEN", "AdminAPI", "AdminService", "AdminSite"]
 
 ADMIN_MAX_BODY = 4096
 """The admin endpoints take no body; anything bigger is refused early."""
@@ -62,6 +62,7 @@ class AdminAPI:
             200 if ready else 503,
             {
                 "ready": ready,
+                "stopping": funnel.stopping,
                 "draining": funnel.draining,
                 "queue_ready": funnel.queue.ready(),
                 "backlog": funnel.backlog,
@@ -91,6 +92,13 @@ def _answer(request: IRequest, code: int, document: Any) -> bytes:
     return json.dumps(document).encode("utf-8") + b"\n"
 
 
+class AdminSite(HardenedSite):
+    """
+    The site of the admin endpoints, named so that its log lines ("AdminSite
+    starting on 8001") say which listener is which.
+    """
+
+
 class AdminService(MultiService):
     """
     The admin listener.  In the daemon's service tree it comes before the
@@ -103,7 +111,7 @@ class AdminService(MultiService):
         @param description: the endpoint string to listen on.
         """
         super().__init__()
-        site = IngestSite(AdminAPI(funnel).resource(), maxBody=ADMIN_MAX_BODY, reactor=reactor)
+        site = AdminSite(AdminAPI(funnel).resource(), maxBody=ADMIN_MAX_BODY, reactor=reactor)
         listener = StreamServerEndpointService(serverFromString(reactor, description), site)
         listener._raiseSynchronously = True
         listener.setServiceParent(self)

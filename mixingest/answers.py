@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from twisted.web.iweb import IRequest
@@ -200,10 +200,15 @@ _PLAIN = AnswerStyle()
 _VERBOSE = AnswerStyle(verbose=True)
 
 
-def answerStyle(params: Dict[str, str]) -> AnswerStyle:
+def answerStyle(params: Dict[str, str], redirectHosts: FrozenSet[str] = frozenset()) -> AnswerStyle:
     """
     Choose the answer style, refusing unsafe C{callback} and C{redirect}
     values rather than reflecting them.
+
+    @param redirectHosts: the host names (lower case) C{redirect} may lead
+        to; any other, and any at all when there are none, is refused: an
+        ingestion endpoint that redirects anywhere is an open redirect,
+        which phishing links borrow to look trustworthy.
     """
     verbose = _flag(params, "verbose")
     callback = params.get("callback")
@@ -226,6 +231,10 @@ def answerStyle(params: Dict[str, str]) -> AnswerStyle:
             safe = False
         if not safe or "\\" in redirect or _URL_TEXT.match(redirect) is None:
             raise BadAnswerParameter("redirect must be an absolute http:// or https:// URL")
+        if parts.hostname not in redirectHosts:
+            raise BadAnswerParameter(
+                "redirect is only allowed to the hosts given with --redirect-allow"
+            )
     return AnswerStyle(verbose, callback, img, location)
 
 

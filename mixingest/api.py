@@ -9,7 +9,8 @@ reason, never a traceback; a bad record never costs the good ones beside it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, List, Optional
+from operator import itemgetter
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -33,20 +34,34 @@ from mixingest.answers import (
 from mixingest.auth import ImportSecrets
 from mixingest.cleaning import Cleaned, Context, clean
 from mixingest.clientip import ClientAddress
-from mixingest.decoding import Decoded, decodeRequest, parseParams
+from mixingest.decoding import Decoded, decodeRequest, maxValuesFor, parseParams
 from mixingest.errors import (
+    BadAnswerParameter,
     BodyTooLarge,
     InvalidEvent,
+    Overloaded,
+    QueueUnavailable,
     RequestRefused,
     Unauthorized,
 )
 from mixingest.funnel import Funnel
-from mixingest.queues.base import QueueUnavailable
+from mixingest.tokens import TokenList
 
-__all__ = ["DEFAULT_MAX_BATCH", "IngestAPI"]
+__all__ = ["DEFAULT_MAX_BATCH", "UNKNOWN_TOKEN", "IngestAPI"]
 
 DEFAULT_MAX_BATCH = 2000
 QUEUE_RETRY_AFTER = 5
+BUDGET_RETRY_AFTER = 1
+UNKNOWN_TOKEN = "not a project token this server accepts"
+"""
+Why a record for a token missing from C{--tokens} is refused.
+"""
+_TOKEN_FIELDS = {
+    "track": "properties.token",
+    "import": "properties.token",
+    "engage": "$token",
+    "groups": "$token",
+}
 _METHODS = ["GET", "POST", "OPTIONS"]
 _ROUTE = "/<any(track, engage, groups, import):kind>"
 _JSON_TYPES = (b"application/json", b"application/x-ndjson", b"application/x-json-stream")
@@ -68,13 +83,24 @@ class IngestAPI:
         maxBatch: int = DEFAULT_MAX_BATCH,
         secrets: Optional[ImportSecrets] = None,
         clientAddress: Optional[ClientAddress] = None,
+        tokens: Optional[TokenList] = None,
+        redirectHosts: Iterable[str] = (),
     ) -> None:
+        """
+        @param tokens: the project tokens accepted (C{--tokens}), or L{None}
+            for any.
+        @param redirectHosts: the hosts C{redirect=} may send a browser to
+            (C{--redirect-allow}); none by default.
+        """
         self.funnel = funnel
         self.clock = clock
         self.maxBody = maxBody
         self.maxBatch = maxBatch
+        self.maxValues = maxValuesFor(maxBatch)
         self.secrets = secrets
         self.clientAddress = clientAddress or ClientAddress()
+        self.tokens = tokens
+        self.redirectHosts = frozenset(host.lower() for host in redirectHosts)
 
     def resource(self) -> IResource:
         # Klein's own resource leaves every request in a reference cycle,
@@ -99,7 +125,7 @@ class IngestAPI:
         style: Optional[AnswerStyle] = None
         try:
             decoded = self._decode(request)
-            style = answerStyle(decoded.params)
+            style = answerStyle(decoded.params, self.redirectHosts)
             tokens = None
             if kind == "import":
                 if self.secrets is None:
@@ -108,6 +134,10 @@ class IngestAPI:
             cleaned = self._clean(request, kind, decoded, tokens)
         except RequestRefused as refusal:
             # The style from the body too: the Python SDK posts verbose=1.
+            # An unsafe callback or redirect in the query is the refusal,
+            # whatever else was wrong (no data, say).
+            if style is None:
+                refusal = _badAnswerParameter(request, self.redirectHosts) or refusal
             return self._refuse(request, refusal, modern, style)
         total = len(decoded.items)
         if not cleaned.items:
@@ -131,6 +161,10 @@ class IngestAPI:
     def _decode(self, request: IRequest) -> Decoded:
         if getattr(request, "bodyTooLarge", False):
             raise BodyTooLarge(f"body exceeds {self.maxBody} bytes")
+        if getattr(request, "bodyOverBudget", False):
+            raise Overloaded(
+                "too many request bodies are being received at once; retry", BUDGET_RETRY_AFTER
+            )
         uri = request.uri
         mark = uri.find(b"?")
         query = uri[mark + 1 :] if mark >= 0 else b""
@@ -138,7 +172,14 @@ class IngestAPI:
         body = content.read() if content is not None else b""
         if len(body) > self.maxBody:
             raise BodyTooLarge(f"body exceeds {self.maxBody} bytes")
-        return decodeRequest(query, body, request.getHeader(b"content-encoding"), self.maxBody)
+        return decodeRequest(
+            query,
+            body,
+            request.getHeader(b"content-encoding"),
+            self.maxBody,
+            self.maxBatch,
+            self.maxValues,
+        )
 
     def _clean(
         self,
@@ -158,12 +199,37 @@ class IngestAPI:
         ip = self.clientAddress(request) if wantsIP == "1" else None
         received = round(self.clock.seconds(), 3)
         cleaned = clean(endpoint, records, Context(received, ip, tokens))
+        if self.tokens is not None:
+            cleaned = self._knownTokensOnly(endpoint, cleaned, len(records))
         if decoded.lineErrors:
             for i, (index, _, insertId) in enumerate(cleaned.failures):
                 reason = decoded.lineErrors.get(index)
                 if reason is not None:
                     cleaned.failures[i] = (index, InvalidEvent("", reason), insertId)
         return cleaned
+
+    def _knownTokensOnly(self, endpoint: str, cleaned: Cleaned, total: int) -> Cleaned:
+        """
+        Refuse, each alone, the records for a token not in C{--tokens}: a
+        failure like any invalid record's, counted, never stored.
+        """
+        known = self.tokens
+        assert known is not None
+        unknown = [i for i, item in enumerate(cleaned.items) if item.token not in known]
+        if not unknown:
+            return cleaned
+        # Each record is an item or a failure, in request order: the items'
+        # indexes in the request are those that did not fail.
+        failed = {index for index, _, _ in cleaned.failures}
+        indexes = [index for index in range(total) if index not in failed]
+        error = InvalidEvent(_TOKEN_FIELDS[endpoint], UNKNOWN_TOKEN)
+        items = cleaned.items
+        failures = cleaned.failures + [(indexes[i], error, items[i].insertId) for i in unknown]
+        failures.sort(key=itemgetter(0))
+        refused = set(unknown)
+        kept = [item for i, item in enumerate(items) if i not in refused]
+        self.funnel.countRefused("unknown_token", len(unknown))
+        return Cleaned(kept, failures, cleaned.truncated)
 
     def _stored(
         self,
@@ -220,7 +286,7 @@ class IngestAPI:
             status = 400 if refusal.status == 200 else refusal.status
             return importAnswer(request, status, refusal.reason)
         if style is None:
-            style = _fallbackStyle(request)
+            style = _fallbackStyle(request, self.redirectHosts)
         return style.answer(request, refusal.status, False, refusal.reason)
 
 
@@ -238,16 +304,34 @@ def _isJSONBody(request: IRequest) -> bool:
     return contentType.split(b";", 1)[0].strip().lower() in _JSON_TYPES
 
 
-def _fallbackStyle(request: IRequest) -> AnswerStyle:
+def _queryParams(request: IRequest) -> Dict[str, str]:
+    uri = request.uri
+    mark = uri.find(b"?")
+    return parseParams(uri[mark + 1 :]) if mark >= 0 else {}
+
+
+def _badAnswerParameter(
+    request: IRequest, redirectHosts: FrozenSet[str]
+) -> Optional[BadAnswerParameter]:
+    """
+    The refusal of an unsafe C{callback} or C{redirect} in the query, if
+    there is one.
+    """
+    try:
+        answerStyle(_queryParams(request), redirectHosts)
+    except BadAnswerParameter as bad:
+        return bad
+    return None
+
+
+def _fallbackStyle(request: IRequest, redirectHosts: FrozenSet[str]) -> AnswerStyle:
     """
     The answer style from the query alone, for requests refused before their
     parameters could be decoded; an unsafe style falls back to plain.
     """
-    uri = request.uri
-    mark = uri.find(b"?")
-    params = parseParams(uri[mark + 1 :]) if mark >= 0 else {}
+    params = _queryParams(request)
     try:
-        return answerStyle(params)
+        return answerStyle(params, redirectHosts)
     except RequestRefused:
         return AnswerStyle(verbose=params.get("verbose") == "1")
 

@@ -15,12 +15,12 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from twisted.web.iweb import IRequest
 
 from mixingest.errors import Unauthorized
+from mixingest.settingsfile import readJSONFile
 
 __all__ = ["ImportSecrets"]
 
@@ -47,16 +47,31 @@ class ImportSecrets:
     @classmethod
     def fromFile(cls, path: str) -> ImportSecrets:
         """
-        Read a JSON object mapping project token to API secret.
+        Read a JSON object mapping project token to API secret, warning if
+        the file is readable by others than its owner.
+
+        @raise ValueError: the file cannot be read or is not such an object.
         """
-        with open(path, "rb") as f:
-            try:
-                secrets = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        secrets = readJSONFile(path, "--import-secrets")
         if not isinstance(secrets, dict):
             raise ValueError(f"{path} must hold a JSON object of token to secret")
-        return cls(secrets)
+        loaded = cls(secrets)
+        loaded.path = path
+        return loaded
+
+    path: Optional[str] = None
+    """The file read by L{fromFile}, which L{reload} reads again."""
+
+    def reload(self) -> None:
+        """
+        Read L{path} again and take its secrets, all at once (SIGHUP).
+
+        @raise ValueError: the file is not a valid secrets file; the
+            secrets in use stay.
+        """
+        if self.path is None:
+            raise ValueError("these import secrets were not read from a file")
+        self._byDigest = ImportSecrets.fromFile(self.path)._byDigest
 
     def tokensFor(self, request: IRequest, params: Mapping[str, str]) -> FrozenSet[str]:
         """

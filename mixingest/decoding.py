@@ -27,11 +27,16 @@ from mixingest.errors import BodyTooLarge, DecodeError
 __all__ = [
     "MAX_GZIP_RATIO",
     "MAX_PARAMETERS",
+    "MIN_MAX_VALUES",
+    "VALUES_PER_RECORD",
     "Decoded",
+    "checkValues",
+    "countValues",
     "decodeBase64",
     "decodeData",
     "decodeRequest",
     "decompress",
+    "maxValuesFor",
     "parseParams",
 ]
 
@@ -45,6 +50,19 @@ MAX_GZIP_RATIO = 1000
 """
 Compressed bodies inflating past this ratio (and past 1 MiB) are bombs, not
 event batches: refused while inflating, before the memory is spent.
+"""
+
+VALUES_PER_RECORD = 128
+"""
+JSON values (elements, object members) a request may hold per record of
+its batch limit, on average: an SDK event holds 20 to 40, Mixpanel allows
+255 properties.  See L{maxValuesFor}.
+"""
+
+MIN_MAX_VALUES = 1 << 18
+"""
+The fewest JSON values any request may hold, whatever the batch limit: as
+many as a 100,000-level nesting, which the parser refuses cheaply.
 """
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -73,10 +91,51 @@ class Decoded:
     raw: bool = False
 
 
+def maxValuesFor(maxBatch: int) -> int:
+    """
+    The most JSON values a request with at most C{maxBatch} records may hold
+    before it is decoded.
+
+    Decoded JSON costs up to 30 bytes of memory per byte of text (C{[{},{},
+    ...]}: a 64-byte dict per three bytes), so a body under C{--max-body}
+    could still cost hundreds of MB before the batch limit refuses it.  Per
+    value, though, it costs at most about 160 bytes (an object member with
+    a short key and string), so this bound caps the memory of one decode at
+    about 40 MB by default.
+    """
+    return max(MIN_MAX_VALUES, maxBatch * VALUES_PER_RECORD)
+
+
+def countValues(data: bytes) -> int:
+    """
+    An upper bound of the JSON values in C{data}, counted in C rather than
+    parsed: every array element and object member after the first follows a
+    comma, every first one an opening bracket, every ndjson line a line
+    break.  Commas and brackets inside strings are counted too, which only
+    errs on the safe side.
+    """
+    return data.count(b",") + data.count(b"{") + data.count(b"[") + data.count(b"\n") + 1
+
+
+def checkValues(data: bytes, maxValues: Optional[int]) -> None:
+    """
+    Refuse JSON text holding more than C{maxValues} values before it is
+    parsed, so that no request materialises more objects than that.
+
+    @raise BodyTooLarge: it holds more.
+    """
+    # Each value takes at least one byte: a shorter text cannot hold more.
+    if maxValues is not None and len(data) > maxValues and countValues(data) > maxValues:
+        raise BodyTooLarge(
+            f"data holds more than {maxValues} JSON values; send fewer records per request"
+        )
+
+
 def decompress(body: bytes, maxBody: int) -> bytes:
     """
     Inflate a gzip (or zlib) body without ever holding more than C{maxBody}
-    bytes of output.
+    bytes of output.  Only one gzip member is read: anything after it is an
+    error rather than silently dropped events.
     """
     inflater = zlib.decompressobj(wbits=47)
     try:
@@ -89,6 +148,8 @@ def decompress(body: bytes, maxBody: int) -> bytes:
         raise BodyTooLarge(f"body decompresses more than {MAX_GZIP_RATIO} times its size")
     if not inflater.eof:
         raise DecodeError("gzip body is truncated")
+    if inflater.unused_data:
+        raise DecodeError("gzip body has data after its end; send one gzip member")
     return out
 
 
@@ -114,10 +175,13 @@ def decodeBase64(data: bytes) -> bytes:
         raise DecodeError("data is neither JSON nor valid base64 (invalid characters)") from None
 
 
-def decodeData(data: bytes) -> List[Any]:
+def decodeData(data: bytes, maxValues: Optional[int] = None) -> List[Any]:
     """
     Decode one C{data} parameter (raw JSON or base64 of JSON) into a list of
     records: a single object becomes a list of one.
+
+    @param maxValues: refuse JSON holding more values than this before
+        parsing it (see L{checkValues}); L{None} for no bound.
     """
     start = data[:1]
     if start not in (b"{", b"["):
@@ -132,7 +196,7 @@ def decodeData(data: bytes) -> List[Any]:
                 raise DecodeError("data must be a JSON object or array")
             if b"\xed" in data:
                 data = _CESU8_PAIR.sub(_joinSurrogates, data)
-    return _records(data)
+    return _records(data, maxValues)
 
 
 _CESU8_PAIR = re.compile(rb"\xed([\xa0-\xaf])([\x80-\xbf])\xed([\xb0-\xbf])([\x80-\xbf])")
@@ -149,7 +213,8 @@ def _joinSurrogates(pair: re.Match[bytes]) -> bytes:
     return chr(0x10000 + (high << 10) + low).encode("utf-8")
 
 
-def _records(data: bytes) -> List[Any]:
+def _records(data: bytes, maxValues: Optional[int]) -> List[Any]:
+    checkValues(data, maxValues)
     try:
         value = codec.loads(data)
     except ValueError as e:
@@ -198,13 +263,19 @@ def parseParams(query: bytes) -> Dict[str, str]:
     return params
 
 
-def _ndjson(body: bytes) -> Decoded:
+def _ndjson(body: bytes, maxRecords: Optional[int]) -> Decoded:
+    # The body passed checkValues, which counts line breaks: the lines are
+    # bounded, and no more than maxRecords of them are parsed.
     items: List[Any] = []
     errors: Dict[int, str] = {}
     for line in body.split(b"\n"):
         line = line.strip()
         if not line:
             continue
+        if len(items) == maxRecords:
+            raise BodyTooLarge(
+                f"more than {maxRecords} records in one request; the limit is {maxRecords}"
+            )
         try:
             items.append(codec.loads(line))
         except ValueError as e:
@@ -218,6 +289,8 @@ def decodeRequest(
     body: bytes,
     contentEncoding: Optional[bytes],
     maxBody: int,
+    maxRecords: Optional[int] = None,
+    maxValues: Optional[int] = None,
 ) -> Decoded:
     """
     Decode a request's parameters and records.
@@ -225,6 +298,11 @@ def decodeRequest(
     A body whose first non-blank byte is C{{} or C{[} is raw JSON (or ndjson)
     whatever its Content-Type; any other body is a form, whatever its
     Content-Type, because browsers' C{sendBeacon} posts forms as text/plain.
+
+    @param maxRecords: refuse an ndjson body of more lines than this while
+        reading it (a JSON array's length is the caller's to check).
+    @param maxValues: refuse JSON holding more values than this before
+        parsing it (see L{maxValuesFor}).
     """
     params: Dict[str, str] = {}
     data: List[bytes] = []
@@ -246,11 +324,11 @@ def decodeRequest(
             if data:
                 raise DecodeError("data given both in the query and as a JSON body")
             try:
-                return Decoded(params, _records(body), {}, True)
+                return Decoded(params, _records(body, maxValues), {}, True)
             except DecodeError:
                 if b"\n" not in body:
                     raise
-            decoded = _ndjson(body)
+            decoded = _ndjson(body, maxRecords)
             decoded.params = params
             return decoded
         _parseForm(body, params, data)
@@ -258,4 +336,4 @@ def decodeRequest(
         raise DecodeError("data, missing or empty")
     if len(data) > 1:
         raise DecodeError("data given more than once")
-    return Decoded(params, decodeData(data[0]))
+    return Decoded(params, decodeData(data[0], maxValues))

@@ -9,8 +9,10 @@ __all__ = [
     "BadAnswerParameter",
     "BodyTooLarge",
     "DecodeError",
+    "InDoubt",
     "InvalidEvent",
     "Overloaded",
+    "QueueUnavailable",
     "RateLimited",
     "RequestRefused",
     "Unauthorized",
@@ -90,3 +92,30 @@ class InvalidEvent(Exception):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
+
+
+class QueueUnavailable(Exception):
+    """
+    The backend could not store the batch now (down, timed out, refused, full).
+
+    Distinct from a bug: the funnel answers 503 with C{Retry-After} and the
+    store-and-forward layer diverts the batch to the journal.
+    """
+
+
+class InDoubt(QueueUnavailable):
+    """
+    A put whose outcome is unknown: it was sent, but not answered in time
+    (the remote stalled, timed out or dropped the connection after the
+    command left).  The remote may still store it later, so simply sending
+    a copy again could store it twice.
+
+    @ivar marker: opaque bytes that the same remote can later settle with
+        L{mixingest.queues.base.ResolvableQueue.resolve}.  The
+        store-and-forward layer journals the marker just before the batch's
+        copy, so that the question survives a restart.
+    """
+
+    def __init__(self, message: str, marker: bytes) -> None:
+        super().__init__(message)
+        self.marker = marker

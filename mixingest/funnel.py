@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from mixingest.cleaning import CleanItem
 from mixingest.dedupe import Key, RecentInsertIds
-from mixingest.errors import Overloaded, RateLimited, RequestRefused
+from mixingest.errors import Overloaded, RequestRefused
 from mixingest.metrics import FunnelCollector, Metrics
 from mixingest.queues.base import EventQueue
 from mixingest.ratelimit import RateLimiter
@@ -145,9 +145,14 @@ class Funnel(Service):
 
     @ivar queues: per queue name, its L{QueueCounts}.
     @ivar rejected: valid events refused, by reason.
+    @ivar statusSources: more of L{status}: each name's value is what its
+        callable returns (the public site's connections and bodies).
     @ivar backlog: the queue's journal backlog when last polled.
     @ivar draining: set when the service stops; new requests are refused
         with 503 so that clients retry elsewhere or later.
+    @ivar stopping: set when a stop was asked for and the daemon still
+        serves (the shutdown grace): not ready, so that load balancers stop
+        sending, while requests are still stored as usual.
     """
 
     log = Logger()
@@ -192,11 +197,13 @@ class Funnel(Service):
         self.metrics.registry.register(FunnelCollector(self))
         self.queues: Dict[str, QueueCounts] = {}
         self.rejected: Dict[str, int] = {}
+        self.statusSources: Dict[str, Callable[[], Any]] = {}
         self.eventsInFlight = 0
         self.writesInFlight = 0
         self.backlog = 0
         self.overBacklog = False
         self.draining = False
+        self.stopping = False
         self.startedAt = clock.seconds()
         self._drained: Optional[Deferred[None]] = None
         self._poll = LoopingCall(self._pollBacklog)
@@ -244,15 +251,11 @@ class Funnel(Service):
         if not groups:
             return succeed(None)
         if self.limiter is not None:
-            wait = self.limiter.admit(
+            refused = self.limiter.refusal(
                 [(token, len(payloads)) for token, payloads, _ in groups], now
             )
-            if wait:
-                raise self._refuse(
-                    "rate_limit",
-                    items,
-                    RateLimited(f"over {self.limiter.rate:g} events/s for this token; retry", wait),
-                )
+            if refused is not None:
+                raise self._refuse(refused[0], items, refused[1])
         if len(groups) == 1 or endpoint not in ROUTABLE or not self.routes:
             return self._put(self.queueFor(endpoint, groups[0][0]), groups, now)
         byQueue: Dict[str, List[_Group]] = {}
@@ -319,6 +322,14 @@ class Funnel(Service):
         for token, count in Counter(item.token for item in items).items():
             self.counters.record(token, now, rejects=count)
         return refusal
+
+    def countRefused(self, reason: str, count: int) -> None:
+        """
+        Count C{count} records refused before they reached the funnel (an
+        unknown project token), under C{reason} in L{rejected}; not per
+        token, since the tokens are not ours.
+        """
+        self.rejected[reason] = self.rejected.get(reason, 0) + count
 
     def _put(self, name: str, groups: List[_Group], started: float) -> Deferred[None]:
         """
@@ -387,10 +398,13 @@ class Funnel(Service):
 
     def ready(self) -> bool:
         """
-        Whether a request now would be stored: running (not draining), the
-        queue path works and the journal backlog is under its bound.
+        Whether a request now would be stored: running (not draining), no
+        stop asked for, the queue path works and the journal backlog is under
+        its bound.
         """
-        return bool(self.running) and not self.overBacklog and self.queue.ready()
+        return (
+            bool(self.running) and not self.stopping and not self.overBacklog and self.queue.ready()
+        )
 
     def _pollBacklog(self) -> None:
         """
@@ -424,6 +438,7 @@ class Funnel(Service):
             "uptime": round(now - self.startedAt, 3),
             "ready": self.ready(),
             "draining": self.draining,
+            "stopping": self.stopping,
             "in_flight": {
                 "events": self.eventsInFlight,
                 "writes": self.writesInFlight,
@@ -442,9 +457,12 @@ class Funnel(Service):
                 "rate": None if limiter is None else limiter.rate,
                 "rejected": self.rejected.get("rate_limit", 0),
                 "tokens": 0 if limiter is None else len(limiter),
+                "global_rate": None if limiter is None else limiter.globalRate,
+                "global_rejected": self.rejected.get("global_rate_limit", 0),
             },
             "tokens": self.counters.snapshot(now),
             "backend": self.queue.status(),
+            **{name: source() for name, source in self.statusSources.items()},
         }
 
     def startService(self) -> None:

@@ -6,6 +6,10 @@ internet:
    answered at once, in the style the request asked for, without buffering
    it; the rest is read and thrown away for a moment so that the client sees
    the answer rather than a reset, then the connection is closed;
+ - so is a body that does not fit in the site's L{BodyBudget} (all the
+   bodies being received at once), answered 503 by the handler;
+ - past C{maxConnections} open connections, a new one is answered 503 and
+   closed before it is read;
  - a request must arrive in time: its line and headers within
    C{headerTimeout} of its first byte (or of the connection), its body within
    C{bodyTimeout} of its headers, however slowly it trickles (slowloris);
@@ -26,12 +30,12 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 from urllib.parse import unquote
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IAddress, IDelayedCall
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http, resource
@@ -40,16 +44,20 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from twisted.web.server import version as serverVersion
 
+from mixingest.budget import BodyBudget
+from mixingest.defaults import DEFAULT_MAX_CONNECTIONS
+
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_CONNECTIONS",
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
+    "HardenedSite",
     "IngestChannel",
     "IngestRequest",
-    "IngestSite",
 ]
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
@@ -74,6 +82,7 @@ MAX_HEADERS = 100
 """
 Most header lines in one request; browsers send about fifteen.
 """
+CONNECTIONS_RETRY_AFTER = 1
 LINGER_SECONDS = 5
 """
 How long the unread rest of a refused body is read and thrown away, so that a
@@ -125,14 +134,20 @@ def _httpDate() -> bytes:
 
 class IngestRequest(Request):
     """
-    A request whose body is kept in memory up to the site's C{maxBody}; past
-    it the body is discarded and, on an L{IngestChannel}, the request is
-    answered at once (the handler sees C{bodyTooLarge} and answers 413).
+    A request whose body is kept in memory up to the site's C{maxBody}, and
+    charged to the site's L{BodyBudget} until the request is answered; past
+    either the body is discarded and, on an L{IngestChannel}, the request is
+    answered at once (the handler sees C{bodyTooLarge} and answers 413, or
+    C{bodyOverBudget} and answers 503).
 
     @ivar bodyTooLarge: the body was (or was declared) over the limit.
+    @ivar bodyOverBudget: the body did not fit in the budget.
     """
 
     bodyTooLarge = False
+    bodyOverBudget = False
+    _budget: Optional[BodyBudget] = None
+    _claimed = 0
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         # twisted.web's, less its parse of the query into request.args, which
@@ -170,25 +185,79 @@ class IngestRequest(Request):
         site = getattr(self.channel, "site", None)
         return getattr(site, "maxBody", DEFAULT_MAX_BODY)
 
+    def admitBody(self, length: int) -> bool:
+        """
+        Claim a declared body's whole length from the site's budget, before
+        a byte of it is read; if it does not fit, the body is refused.
+        """
+        if self._claim(length, length):
+            return True
+        self._discardBody(overBudget=True)
+        return False
+
+    def _claim(self, size: int, bodySize: int) -> bool:
+        budget = getattr(getattr(self.channel, "site", None), "budget", None)
+        if budget is None:
+            return True
+        if not budget.claim(size, bodySize):
+            return False
+        self._budget = budget
+        self._claimed += size
+        return True
+
+    def _release(self) -> None:
+        """
+        Free the body and give its bytes back to the budget: the request is
+        answered, refused or gone.
+        """
+        if self.content is not None:
+            self.content.close()
+        if self._budget is not None:
+            self._budget.release(self._claimed)
+            self._budget = None
+            self._claimed = 0
+
+    def _discardBody(self, overBudget: bool) -> None:
+        if overBudget:
+            self.bodyOverBudget = True
+        else:
+            self.bodyTooLarge = True
+        self._release()
+        self.content = _Discard()  # type: ignore[assignment]
+
     def gotLength(self, length: Optional[int]) -> None:
         if length and length > self._maxBody():
-            self.bodyTooLarge = True
-            self.content = _Discard()  # type: ignore[assignment]
+            self._discardBody(overBudget=False)
             return
         self.content = io.BytesIO()  # type: ignore[assignment]
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.bodyTooLarge:
+        if self.bodyTooLarge or self.bodyOverBudget:
             return
         content: Any = self.content
-        if content.tell() + len(data) > self._maxBody():
-            self.bodyTooLarge = True
-            self.content = _Discard()  # type: ignore[assignment]
-            refuse = getattr(self.channel, "refuseBody", None)
-            if refuse is not None:
-                refuse()
+        size = content.tell() + len(data)
+        if size > self._maxBody():
+            self._discardBody(overBudget=False)
+        elif size > self._claimed and not self._claim(size - self._claimed, size):
+            # A chunked body (a declared one was claimed whole) growing
+            # past what the budget has left.
+            self._discardBody(overBudget=True)
+        else:
+            content.write(data)
             return
-        content.write(data)
+        refuse = getattr(self.channel, "refuseBody", None)
+        if refuse is not None:
+            refuse()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self._release()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._release()
 
 
 class IngestChannel(HTTPChannel):
@@ -211,6 +280,10 @@ class IngestChannel(HTTPChannel):
     bodyTimeout: float = DEFAULT_BODY_TIMEOUT
     lingerTimeout: float = LINGER_SECONDS
     maxBody = DEFAULT_MAX_BODY
+    site: Any
+    """
+    The L{HardenedSite} that built the channel (twisted.web sets it).
+    """
 
     _receiving = False
     """
@@ -227,6 +300,7 @@ class IngestChannel(HTTPChannel):
     _lingerCall: Optional[IDelayedCall] = None
 
     def connectionMade(self) -> None:
+        self.site.openConnections += 1
         self._idleTimeout = self.timeOut
         # The first request's head is due within headerTimeout of the
         # connection: one that never sends a byte holds a socket no longer
@@ -268,11 +342,16 @@ class IngestChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         length = self.length
+        request = self.requests[-1]
         if length is not None and length > self.maxBody:
             # Declared too large: answer now, before a byte of it is read,
             # and without "100 Continue".
-            request = self.requests[-1]
             request.gotLength(length)
+            self._startRefusing(request)
+            self.length = 0
+            return
+        if length and not request.admitBody(length):
+            # No room for it now: the same, answered 503.
             self._startRefusing(request)
             self.length = 0
             return
@@ -283,8 +362,8 @@ class IngestChannel(HTTPChannel):
 
     def refuseBody(self) -> None:
         """
-        The body being received went over the limit (chunked, or longer than
-        declared): answer now and stop reading it.
+        The body being received went over the limit or the budget (chunked,
+        or longer than declared): answer now and stop reading it.
         """
         if self._refusing:
             return
@@ -377,7 +456,26 @@ class IngestChannel(HTTPChannel):
         if self._lingerCall is not None and self._lingerCall.active():
             self._lingerCall.cancel()
         self._lingerCall = None
+        self.site.openConnections -= 1
         super().connectionLost(reason)
+
+
+class _TooManyConnections(Protocol):
+    """
+    A connection past the site's limit: answered 503 before it is read,
+    and closed.
+    """
+
+    _ANSWER = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"retry-after: %d\r\ncontent-length: 21\r\nconnection: close\r\n\r\n"
+        b"too many connections\n" % CONNECTIONS_RETRY_AFTER
+    )
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.write(self._ANSWER)
+        transport.loseConnection()
 
 
 def _redactQuery(uri: bytes) -> bytes:
@@ -412,10 +510,16 @@ def redactedLogFormatter(timestamp: str, request: Request) -> str:
     return combinedLogFormatter(timestamp, _RedactedRequest(request))
 
 
-class IngestSite(Site):
+class HardenedSite(Site):
     """
-    The public site: bounded heads and bodies, deadlines, no access log
-    unless C{accessLog}.
+    A site fit for the open internet, under the public API's and the admin
+    endpoints': bounded heads and bodies, deadlines, no access log unless
+    C{accessLog}.
+
+    @ivar budget: the bodies being received, all connections together.
+    @ivar openConnections: connections open now (served ones).
+    @ivar refusedConnections: connections refused past C{maxConnections},
+        since the start.
     """
 
     requestFactory = IngestRequest
@@ -429,10 +533,20 @@ class IngestSite(Site):
         timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
         headerTimeout: float = DEFAULT_HEADER_TIMEOUT,
         bodyTimeout: float = DEFAULT_BODY_TIMEOUT,
+        budget: Optional[BodyBudget] = None,
+        maxConnections: int = DEFAULT_MAX_CONNECTIONS,
         **kwargs: Any,
     ) -> None:
+        """
+        @param budget: the bodies being received at once; by default one of
+            L{DEFAULT_MAX_BUFFERED<mixingest.defaults.DEFAULT_MAX_BUFFERED>}.
+        @param maxConnections: open connections past which new ones are
+            answered 503 and closed.
+        """
         if not (headerTimeout > 0 and bodyTimeout > 0):
             raise ValueError("header and body timeouts must be positive")
+        if maxConnections <= 0:
+            raise ValueError("the connection limit must be positive")
         kwargs.setdefault("logFormatter", redactedLogFormatter)
         super().__init__(resource, timeout=timeout, **kwargs)
         # Twisted (24.7+) gives each request this setting of the site's,
@@ -443,8 +557,15 @@ class IngestSite(Site):
         self.accessLog = accessLog
         self.headerTimeout = headerTimeout
         self.bodyTimeout = bodyTimeout
+        self.budget = budget if budget is not None else BodyBudget()
+        self.maxConnections = maxConnections
+        self.openConnections = 0
+        self.refusedConnections = 0
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Any:
+        if self.openConnections >= self.maxConnections:
+            self.refusedConnections += 1
+            return _TooManyConnections()
         channel = super().buildProtocol(addr)
         channel.maxBody = self.maxBody
         channel.headerTimeout = self.headerTimeout
@@ -454,3 +575,16 @@ class IngestSite(Site):
     def log(self, request: http.Request) -> None:
         if self.accessLog:
             super().log(request)
+
+    def status(self) -> Dict[str, Any]:
+        """
+        Connections and the body budget, JSON-able, for C{/stats}.
+        """
+        return {
+            "connections": {
+                "open": self.openConnections,
+                "limit": self.maxConnections,
+                "refused": self.refusedConnections,
+            },
+            "bodies": self.budget.status(),
+        }

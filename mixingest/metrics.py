@@ -12,7 +12,7 @@ request, through label children looked up once and cached.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -20,12 +20,12 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from mixingest.httpsite import IngestRequest, IngestSite
+from mixingest.httpsite import HardenedSite, IngestRequest
 
 if TYPE_CHECKING:
     from mixingest.funnel import Funnel
 
-__all__ = ["FunnelCollector", "MeteredSite", "Metrics"]
+__all__ = ["FunnelCollector", "Metrics", "PublicSite", "SiteCollector"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """
@@ -147,7 +147,8 @@ class FunnelCollector:
         yield from (stored, storedBytes, failed, inFlight, inFlightBytes)
         rejected = CounterMetricFamily(
             "mixingest_events_rejected",
-            "Valid events refused, by reason (rate_limit, in_flight, backlog, draining).",
+            "Events refused, by reason (rate_limit, global_rate_limit, unknown_token, "
+            "in_flight, backlog, draining).",
             labels=["reason"],
         )
         for reason, count in sorted(funnel.rejected.items()):
@@ -179,6 +180,90 @@ class FunnelCollector:
         yield GaugeMetricFamily(
             "mixingest_draining", "1 while a graceful stop drains.", value=int(funnel.draining)
         )
+        yield from storageMetrics(funnel.queue.status())
+
+
+def storageMetrics(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """
+    The journal's and the forwarder's figures, from the queue backend's
+    C{status()}: a journal's own, or a store-and-forward queue's, which
+    holds its journal's under C{"journal"}.
+    """
+    journal = status.get("journal", status)
+    if journal.get("backend") == "journal":
+        yield GaugeMetricFamily(
+            "mixingest_journal_bytes", "Bytes of journal segments.", value=journal["bytes"]
+        )
+        yield GaugeMetricFamily(
+            "mixingest_journal_max_bytes",
+            "The journal's bound (--max-journal-bytes): past it, events get 503.",
+            value=journal["maxBytes"],
+        )
+        yield GaugeMetricFamily(
+            "mixingest_journal_full",
+            "1 while the journal is over its bound and refuses events.",
+            value=int(journal["full"]),
+        )
+        writers = journal.get("queues", {}).values()
+        yield CounterMetricFamily(
+            "mixingest_journal_possibly_lost",
+            "Acknowledged records whose fsync failed (--fsync interval): possibly lost "
+            "if the machine crashed.",
+            value=sum(w.get("possiblyLost", 0) for w in writers),
+        )
+    forwarder = status.get("forwarder")
+    if forwarder is not None:
+        yield CounterMetricFamily(
+            "mixingest_forwarder_checkpoint_failures",
+            "Forwarder checkpoint writes that failed (retried; nothing is resent).",
+            value=forwarder["checkpointFailures"],
+        )
+        yield CounterMetricFamily(
+            "mixingest_forwarder_in_doubt_skipped",
+            "Journaled copies of in-doubt puts skipped because the remote had stored them.",
+            value=forwarder["skippedInDoubt"],
+        )
+
+
+class SiteCollector:
+    """
+    The public site's connections and request-body budget, at scrape time.
+    """
+
+    def __init__(self, site: HardenedSite) -> None:
+        self.site = site
+
+    def collect(self) -> Iterator[Metric]:
+        site = self.site
+        budget = site.budget
+        yield GaugeMetricFamily(
+            "mixingest_connections_open", "Open public connections.", value=site.openConnections
+        )
+        yield GaugeMetricFamily(
+            "mixingest_connections_limit",
+            "Open public connections past which new ones get 503 (--max-connections).",
+            value=site.maxConnections,
+        )
+        yield CounterMetricFamily(
+            "mixingest_connections_refused",
+            "Public connections refused (503) past --max-connections.",
+            value=site.refusedConnections,
+        )
+        yield GaugeMetricFamily(
+            "mixingest_body_bytes_buffered",
+            "Bytes of request bodies being received or handled, all connections together.",
+            value=budget.used,
+        )
+        yield GaugeMetricFamily(
+            "mixingest_body_bytes_limit",
+            "Bytes of request bodies held at most (--max-buffered-bytes).",
+            value=budget.limit,
+        )
+        yield CounterMetricFamily(
+            "mixingest_bodies_refused",
+            "Request bodies refused (503) because the body budget was full.",
+            value=budget.refused,
+        )
 
 
 class MeteredRequest(IngestRequest):
@@ -193,7 +278,7 @@ class MeteredRequest(IngestRequest):
         super().requestReceived(command, path, version)
 
 
-class MeteredSite(IngestSite):
+class PublicSite(HardenedSite):
     """
     The public site, counting every answer and its latency in L{Metrics}.
 
@@ -207,6 +292,7 @@ class MeteredSite(IngestSite):
         super().__init__(*args, **kwargs)
         self.metrics = metrics
         self.clock = clock
+        metrics.registry.register(SiteCollector(self))
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         started: float = request.started  # type: ignore[attr-defined]

@@ -5,31 +5,39 @@ The command line of C{twistd mixingest}: every knob an operator tunes.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, List, Optional, Sequence
 
+import attrs
 from twisted.python import usage
 
-from mixingest.admin import DEFAULT_ADMIN_LISTEN
-from mixingest.api import DEFAULT_MAX_BATCH
 from mixingest.clientip import parseNetwork
-from mixingest.dedupe import DEFAULT_DEDUPE_SIZE, DEFAULT_DEDUPE_TTL
-from mixingest.funnel import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_IN_FLIGHT
-from mixingest.httpsite import (
+from mixingest.defaults import (
+    DEFAULT_ADMIN_LISTEN,
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DEDUPE_SIZE,
+    DEFAULT_DEDUPE_TTL,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_BACKLOG,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY,
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SHUTDOWN_GRACE,
 )
 from mixingest.journal.fsync import FsyncPolicy
-from mixingest.queues.base import validQueueName
-from mixingest.queues.urls import parseQueueURL
-from mixingest.windows import DEFAULT_MAX_TOKENS
-from mixingest.workers import checkWorkerOptions
+from mixingest.naming import validQueueName
+from mixingest.secretfiles import REDIS_PASSWORD_ENV, readSecretFile
+from mixingest.workers import WORKER_DIRECTORY, checkWorkerOptions
 
 __all__ = ["Options"]
 
-DEFAULT_LISTEN = "tcp:8000"
+_HOST_NAME = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 
 
 def _positive(name: str, convert: Any = int) -> Any:
@@ -40,6 +48,19 @@ def _positive(name: str, convert: Any = int) -> Any:
             raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
         if number <= 0:
             raise usage.UsageError(f"--{name} must be positive")
+        return number
+
+    return check
+
+
+def _notNegative(name: str) -> Any:
+    def check(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+        if not number >= 0:
+            raise usage.UsageError(f"--{name} must be 0 or more")
         return number
 
     return check
@@ -76,6 +97,13 @@ class Options(usage.Options):
             "JSON file mapping project token to API secret, for /import.",
         ],
         [
+            "tokens",
+            None,
+            None,
+            "JSON file: an array of the project tokens accepted; records for any other are "
+            "refused (default: any token).",
+        ],
+        [
             "max-body",
             None,
             DEFAULT_MAX_BODY,
@@ -89,7 +117,32 @@ class Options(usage.Options):
             "Most records in one request.",
             _positive("max-batch"),
         ],
+        [
+            "max-buffered-bytes",
+            None,
+            DEFAULT_MAX_BUFFERED,
+            "Bytes of request bodies held at once, all connections together; a body that does "
+            "not fit gets 503 before it is read.",
+            _positive("max-buffered-bytes"),
+        ],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Open connections on the public listeners (per process), past which new ones get "
+            "503 and are closed.",
+            _positive("max-connections"),
+        ],
         ["fsync", None, "always", "Journal durability: always, interval:MS or never."],
+        [
+            "max-journal-bytes",
+            None,
+            None,
+            "Largest total size of the journal's segments, in bytes; past it new events get 503 "
+            "and /readyz is 503 (default: 90% of the space the journal has at start, i.e. its own "
+            "segments plus the free space of its file system).",
+            _positive("max-journal-bytes"),
+        ],
         [
             "segment-size",
             None,
@@ -125,7 +178,35 @@ class Options(usage.Options):
             "Seconds a graceful stop waits for events in flight.",
             _positive("drain-timeout", float),
         ],
+        [
+            "shutdown-grace",
+            None,
+            DEFAULT_SHUTDOWN_GRACE,
+            "Seconds the daemon keeps serving after SIGTERM with /readyz at 503, so that a load "
+            "balancer stops sending before the listeners close (0: none).",
+            _notNegative("shutdown-grace"),
+        ],
+        [
+            "routes-file",
+            None,
+            None,
+            "JSON file mapping project token to queue name, like --route; re-read on SIGHUP.",
+        ],
+        [
+            "limits-file",
+            None,
+            None,
+            'JSON file {"rate_limit": N, "global_rate_limit": N} (null: none), overriding '
+            "--rate-limit and --global-rate-limit; re-read on SIGHUP.",
+        ],
         ["redis-prefix", None, "", "Prefix for Redis list names."],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "File holding the Redis password, kept out of the process list (or set "
+            "MIXINGEST_REDIS_PASSWORD); the --queue URL then has no password.",
+        ],
         [
             "admin-listen",
             None,
@@ -152,6 +233,13 @@ class Options(usage.Options):
             None,
             "Events per second per project token; over it, 429 (default: no limit).",
             _positive("rate-limit", float),
+        ],
+        [
+            "global-rate-limit",
+            None,
+            None,
+            "Events per second for all tokens together; over it, 429 (default: no limit).",
+            _positive("global-rate-limit", float),
         ],
         [
             "max-in-flight",
@@ -189,6 +277,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["trusted-proxy"] = []
         self["route"] = {}
+        self["redirect-allow"] = []
         self.argv: List[str] = []
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
@@ -224,7 +313,50 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--route takes TOKEN=QUEUE with a queue name of letters, digits, _ and -: {rule!r}"
             )
+        if WORKER_DIRECTORY.match(queue):
+            raise usage.UsageError(
+                f"--route: {queue!r} is the name of a --workers journal directory, not a queue"
+            )
         self["route"][token] = queue
+
+    def opt_redirect_allow(self, host: str) -> None:
+        """
+        Host name that redirect= may send a browser to (repeatable); without it redirect= is
+        refused (an open redirect).
+        """
+        if not _HOST_NAME.match(host):
+            raise usage.UsageError(f"--redirect-allow takes a host name, not {host!r}")
+        self["redirect-allow"].append(host.lower())
+
+    def _redisPassword(self) -> None:
+        """
+        Give the Redis target the password from C{--redis-password-file} or
+        the environment, which keep it out of C{/proc/*/cmdline}.
+        """
+        path = self["redis-password-file"]
+        if path is not None:
+            try:
+                password: Optional[str] = readSecretFile(path, "Redis password")
+            except ValueError as e:
+                raise usage.UsageError(f"--redis-password-file: {e}") from None
+            source = "--redis-password-file"
+        else:
+            password = os.environ.get(REDIS_PASSWORD_ENV) or None
+            source = REDIS_PASSWORD_ENV
+        if password is None:
+            return
+        from mixingest.queues.urls import RedisTarget  # see postOptions
+
+        target = self["queue"]
+        if not isinstance(target, RedisTarget):
+            if path is None:
+                return
+            raise usage.UsageError("--redis-password-file applies to a redis:// queue only")
+        if target.password is not None:
+            raise usage.UsageError(
+                f"the Redis password is given twice: in the --queue URL and by {source}"
+            )
+        self["queue"] = attrs.evolve(target, password=password)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -233,12 +365,25 @@ class Options(usage.Options):
             self["fsync"] = FsyncPolicy.parse(self["fsync"])
         except ValueError as e:
             raise usage.UsageError(f"--fsync: {e}") from None
+        # Imported here: the module brings the queue backends (txredisapi)
+        # that parsing the command line does not need.
+        from mixingest.queues.urls import parseQueueURL
+
         try:
             self["queue"] = parseQueueURL(self["queue"])
         except ValueError as e:
             raise usage.UsageError(f"--queue: {e}") from None
-        secrets = self["import-secrets"]
-        if secrets is not None and not os.path.isfile(secrets):
-            raise usage.UsageError(f"--import-secrets: no such file {secrets!r}")
+        self._redisPassword()
+        # A body of --max-body must fit in the share of the budget large
+        # bodies get (7/8), or it would be answered 503 forever.
+        least = -(-self["max-body"] * 8 // 7)
+        if self["max-buffered-bytes"] < least:
+            raise usage.UsageError(
+                f"--max-buffered-bytes must be at least {least} (8/7 of --max-body)"
+            )
+        for name in ("import-secrets", "tokens", "routes-file", "limits-file"):
+            path = self[name]
+            if path is not None and not os.path.isfile(path):
+                raise usage.UsageError(f"--{name}: no such file {path!r}")
         if self["workers"] > 1:
             checkWorkerOptions(self)

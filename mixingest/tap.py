@@ -23,15 +23,20 @@ from twisted.internet.interfaces import IDelayedCall
 from mixingest.admin import AdminService
 from mixingest.api import IngestAPI
 from mixingest.auth import ImportSecrets
+from mixingest.budget import BodyBudget
 from mixingest.clientip import ClientAddress
 from mixingest.dedupe import RecentInsertIds
 from mixingest.funnel import Funnel
 from mixingest.journal.service import Journal
-from mixingest.lifecycle import OrderedMultiService
-from mixingest.metrics import MeteredSite
+from mixingest.lifecycle import OrderedMultiService, ShutdownGrace
+from mixingest.metrics import PublicSite
 from mixingest.options import Options
+from mixingest.orphans import makeOrphanService
 from mixingest.queues.urls import makeQueue
 from mixingest.ratelimit import RateLimiter
+from mixingest.reload import LimitsFile, Reloader, ReloadOnSignal, RoutesFile, SignalWorkers
+from mixingest.systemd import Notifier, ReadyNotifier, Watchdog
+from mixingest.tokens import TokenList
 from mixingest.windows import TokenCounters
 from mixingest.workers import AdoptedListener, WorkerSupervisor, inheritedListeners
 
@@ -44,25 +49,37 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
 
         reactor = cast(Any, defaultReactor)
     top = OrderedMultiService()
+    notifier = Notifier.fromEnvironment()
+    if notifier.watchdogPeriod is not None:
+        Watchdog(reactor, notifier).setServiceParent(top)
+    reloader = Reloader(notifier)
     if options["workers"] > 1:
-        WorkerSupervisor(
+        makeOrphanService(options, reactor).setServiceParent(top)
+        supervisor = WorkerSupervisor(
             reactor,
             options["workers"],
             options["listen"],
             options.argv,
             options["data-dir"],
             options["admin-listen"],
-            options["drain-timeout"],
-        ).setServiceParent(top)
+            options["drain-timeout"] + options["shutdown-grace"],
+        )
+        supervisor.setServiceParent(top)
+        reloader.register("workers", SignalWorkers(supervisor))
+        _lifecycle(top, reactor, notifier, reloader, options)
         return top
     journal = Journal(
         options["data-dir"],
         policy=options["fsync"],
         segmentSize=options["segment-size"],
         reactor=reactor,
+        maxBytes=options["max-journal-bytes"],
     )
     queue = makeQueue(options["queue"], journal, reactor, redisPrefix=options["redis-prefix"])
     IService(queue).setServiceParent(top)
+    inherited = inheritedListeners()
+    if inherited is None:  # a worker of --workers N owns no orphans: its parent does
+        makeOrphanService(options, reactor).setServiceParent(top)
     funnel = Funnel(
         queue,
         reactor,
@@ -72,8 +89,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         counters=TokenCounters(options["max-tokens"]),
         limiter=(
             None
-            if options["rate-limit"] is None
-            else RateLimiter(options["rate-limit"], options["max-tokens"])
+            if options["rate-limit"] is None and options["global-rate-limit"] is None
+            else RateLimiter(
+                options["rate-limit"], options["max-tokens"], options["global-rate-limit"]
+            )
         ),
         maxInFlight=options["max-in-flight"],
         maxBacklog=options["max-backlog"],
@@ -83,6 +102,25 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
     secrets = None
     if options["import-secrets"] is not None:
         secrets = ImportSecrets.fromFile(options["import-secrets"])
+        reloader.register("--import-secrets", secrets)
+    tokens = None
+    if options["tokens"] is not None:
+        tokens = TokenList.fromFile(options["tokens"])
+        reloader.register("--tokens", tokens)
+    if options["routes-file"] is not None:
+        routes = RoutesFile(options["routes-file"], funnel, options["route"])
+        routes.reload()
+        reloader.register("--routes-file", routes)
+    if options["limits-file"] is not None:
+        limits = LimitsFile(
+            options["limits-file"],
+            funnel,
+            options["max-tokens"],
+            options["rate-limit"],
+            options["global-rate-limit"],
+        )
+        limits.reload()
+        reloader.register("--limits-file", limits)
     api = IngestAPI(
         funnel,
         reactor,
@@ -90,19 +128,23 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         maxBatch=options["max-batch"],
         secrets=secrets,
         clientAddress=ClientAddress(options["trusted-proxy"]),
+        tokens=tokens,
+        redirectHosts=options["redirect-allow"],
     )
-    site = MeteredSite(
+    site = PublicSite(
         api.resource(),
         maxBody=options["max-body"],
         accessLog=options["access-log"],
         timeout=options["idle-timeout"],
         headerTimeout=options["header-timeout"],
         bodyTimeout=options["body-timeout"],
+        budget=BodyBudget(options["max-buffered-bytes"]),
+        maxConnections=options["max-connections"],
         reactor=reactor,
         metrics=funnel.metrics,
         clock=reactor,
     )
-    inherited = inheritedListeners()
+    funnel.statusSources["http"] = site.status
     if inherited is not None:  # a worker of --workers N
         for fd, family in inherited:
             AdoptedListener(reactor, fd, family, site).setServiceParent(top)
@@ -112,7 +154,22 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
             listener._raiseSynchronously = True
             listener.setServiceParent(top)
     FrozenHeap(reactor).setServiceParent(top)
+    ShutdownGrace(reactor, funnel, options["shutdown-grace"]).setServiceParent(top)
+    _lifecycle(top, reactor, notifier, reloader, options)
     return top
+
+
+def _lifecycle(
+    top: MultiService, reactor: Any, notifier: Notifier, reloader: Reloader, options: Options
+) -> None:
+    """
+    The newest services, stopped first: SIGHUP handling, and the service
+    manager's READY=1 (once all the others listen) and STOPPING=1.
+    """
+    ReloadOnSignal(reactor, reloader.reload).setServiceParent(top)
+    if notifier.enabled:
+        listening = ", ".join(options["listen"])
+        ReadyNotifier(reactor, notifier, lambda: f"serving on {listening}").setServiceParent(top)
 
 
 class FrozenHeap(Service):

@@ -25,7 +25,16 @@ nothing itself; it supervises:
     15 seconds later;
   - workers run in sessions of their own (a terminal's Ctrl-C reaches only
     the parent, which forwards it) and get C{SIGTERM} if the parent dies;
-  - their log lines come out in the parent's log, prefixed C{worker-K}.
+  - workers log through the parent: each writes its log events as JSON
+    lines to its standard output (L{workerLogObserver}), and the parent
+    publishes them, level and all, to its own observers with the system
+    C{worker-K}, so twistd's C{--logger}, C{--logfile} and C{--syslog}
+    apply to every worker and a worker's errors are the parent's errors;
+    anything a worker writes to its standard error (a traceback before its
+    logging started) is logged as an error.
+
+The parent also forwards the journals that a change of C{--workers} left
+behind (see L{mixingest.orphans}).
 
 Worker K's admin endpoint (C{--admin-listen}) is the configured one with
 its port plus K (or, for a UNIX socket, its path plus C{-K}): each worker has
@@ -35,6 +44,7 @@ its own counters, so Prometheus scrapes every one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import signal
@@ -42,7 +52,7 @@ import socket
 import stat
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -53,18 +63,30 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    eventFromJSON,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = [
     "FDS_ENV",
+    "WORKER_DIRECTORY",
     "AdoptedListener",
     "WorkerSupervisor",
     "checkWorkerOptions",
     "inheritedListeners",
     "runWorker",
     "workerAdminEndpoint",
+    "workerDirectory",
+    "workerLogObserver",
 ]
 
 FDS_ENV = "MIXINGEST_WORKER_FDS"
@@ -92,10 +114,16 @@ Seconds past C{--drain-timeout} that the parent waits for draining workers
 before it kills them.
 """
 PR_SET_PDEATHSIG = 1
+WORKER_DIRECTORY = re.compile(r"\Aworker-(\d+)\Z")
+"""
+The name of worker K's journal directory under C{DATA_DIR}; C{--route}
+refuses queue names of this form, so that no queue is mistaken for one.
+"""
 _TIMESTAMP = re.compile(r"\A\d{4}-\d\d-\d\dT\S+ ")
 """
 The timestamp twistd starts a worker's log lines with: the parent adds its own.
 """
+_LEVELS = frozenset(LogLevel.iterconstants())
 
 
 def _parse(description: str) -> Any:
@@ -122,6 +150,13 @@ def checkWorkerOptions(options: Any) -> None:
             raise usage.UsageError(f"--listen {description!r}: {e}") from None
     for index in range(options["workers"]):
         workerAdminEndpoint(options["admin-listen"], index)
+
+
+def workerDirectory(dataDir: str, index: int) -> str:
+    """
+    Where worker C{index} keeps its journal.
+    """
+    return os.path.join(dataDir, f"worker-{index}")
 
 
 def workerAdminEndpoint(description: str, index: int) -> str:
@@ -273,12 +308,31 @@ class _Worker(ProcessProtocol):
         lines = (self._partial.get(childFD, b"") + data).split(b"\n")
         self._partial[childFD] = lines.pop()
         for line in lines:
-            self._relay(line)
+            self._relay(childFD, line)
 
-    def _relay(self, line: bytes) -> None:
-        text = _TIMESTAMP.sub("", line.decode("utf-8", "replace").rstrip("\r"), count=1)
+    def _relay(self, childFD: int, line: bytes) -> None:
+        """
+        Publish one line of the worker's output in the parent's log: a log
+        event as is (L{workerLogObserver}), anything else as text, an error
+        if it came on standard error.
+        """
+        system = f"worker-{self.index}"
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if childFD == 1 and text.startswith("{"):
+            try:
+                event = eventFromJSON(text)
+            except ValueError:
+                pass
+            else:
+                if isinstance(event, dict) and event.get("log_level") in _LEVELS:
+                    worker = event.get("log_system")
+                    event["log_system"] = system if worker in (None, "-") else f"{system} {worker}"
+                    self.supervisor.publish(event)
+                    return
+        text = _TIMESTAMP.sub("", text, count=1)
         if text.strip():
-            self.supervisor.log.info("worker-{index}: {line}", index=self.index, line=text)
+            level = LogLevel.error if childFD == 2 else LogLevel.info
+            self.supervisor.log.emit(level, "{line}", line=text, log_system=system)
 
     def terminate(self) -> None:
         if not self.signalled and not self.ended.called:
@@ -292,9 +346,9 @@ class _Worker(ProcessProtocol):
                 self.transport.signalProcess("KILL")  # type: ignore[union-attr]
 
     def processEnded(self, reason: Failure) -> None:
-        for rest in self._partial.values():
+        for childFD, rest in self._partial.items():
             if rest:
-                self._relay(rest)
+                self._relay(childFD, rest)
         self.supervisor._ended(self, reason)
         self.ended.callback(None)
 
@@ -320,12 +374,15 @@ class WorkerSupervisor(Service):
         adminListen: str,
         drainTimeout: float,
         python: str = sys.executable,
+        publish: ILogObserver = globalLogPublisher,
     ) -> None:
         """
         @param argv: the C{twistd mixingest} options the parent was given;
             each worker gets them too, followed by its own C{--workers=1},
             C{--data-dir} and C{--admin-listen}.
+        @param publish: where the workers' log events go.
         """
+        self.publish = publish
         self._reactor = reactor
         self.count = count
         self._listen = list(listen)
@@ -361,11 +418,11 @@ class WorkerSupervisor(Service):
             "from mixingest.workers import runWorker; runWorker()",
             "--nodaemon",
             "--pidfile=",
-            "--logfile=-",
+            f"--logger={workerLogObserver.__module__}.{workerLogObserver.__qualname__}",
             "mixingest",
             *self._argv,
             "--workers=1",
-            f"--data-dir={os.path.join(self._dataDir, f'worker-{index}')}",
+            f"--data-dir={workerDirectory(self._dataDir, index)}",
             f"--admin-listen={workerAdminEndpoint(self._adminListen, index)}",
         ]
 
@@ -461,6 +518,34 @@ class WorkerSupervisor(Service):
             if not worker.ended.called:
                 self.log.warn("worker-{index} did not drain in time: killed", index=worker.index)
                 worker.kill()
+
+
+@implementer(ILogObserver)
+class _JSONLines:
+    """
+    Log events as JSON lines, failures with their exception's message (JSON
+    cannot carry the exception itself).
+    """
+
+    def __init__(self, out: TextIO) -> None:
+        self._write = jsonFileLogObserver(out, recordSeparator="")
+
+    def __call__(self, event: LogEvent) -> None:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            failure = copy.copy(failure)
+            failure.value = f"{failure.value}"
+            event = dict(event, log_failure=failure)
+        self._write(event)
+
+
+def workerLogObserver(out: Optional[TextIO] = None) -> ILogObserver:
+    """
+    A worker's log observer (twistd's C{--logger}): every event as one line
+    of JSON on C{out}, by default its standard output, which its parent
+    reads.  twistd makes it before it redirects C{sys.stdout} into the log.
+    """
+    return _JSONLines(sys.stdout if out is None else out)
 
 
 def _dieWithParent() -> None:

@@ -19,9 +19,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["Daemon", "Flood", "encoded", "freePort", "twistdCommand"]
+__all__ = [
+    "Daemon",
+    "Flood",
+    "encoded",
+    "freePort",
+    "journaledNumbers",
+    "tally",
+    "twistdCommand",
+]
 
 START_TIMEOUT = 30.0
 START_ATTEMPTS = 3
@@ -64,9 +72,19 @@ class Daemon:
     One daemon process.  C{args} are extra C{twistd mixingest} options.
     """
 
-    def __init__(self, directory: Path, *args: str, port: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *args: str,
+        port: Optional[int] = None,
+        dataDir: Optional[Path] = None,
+    ) -> None:
+        """
+        @param dataDir: the journal directory, C{directory / "data"} by
+            default (crash tests put it on a file system of their own).
+        """
         self.directory = directory
-        self.dataDir = directory / "data"
+        self.dataDir = directory / "data" if dataDir is None else dataDir
         self.logFile = directory / "twistd.log"
         self._choosePort = port is None
         self.port = port or freePort()
@@ -88,6 +106,7 @@ class Daemon:
             f"--listen=tcp:{self.port}:interface=127.0.0.1",
             f"--data-dir={self.dataDir}",
             f"--admin-listen=tcp:{self.adminPort}:interface=127.0.0.1",
+            "--shutdown-grace=0",  # no load balancer to wait for; args may set one
             *self.args,
         ]
 
@@ -165,14 +184,22 @@ class Daemon:
         One HTTP request; returns status, headers (lower-cased) and body,
         whatever the status.
         """
-        req = urllib.request.Request(
-            self.base + path, data=data, headers=headers or {}, method=method
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.status, _lower(response.headers.items()), response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, _lower(e.headers.items()), e.read()
+        return _request(self.base + path, data, headers, method, timeout)
+
+    def admin(self, path: str, timeout: float = 10.0) -> Tuple[int, Dict[str, str], bytes]:
+        """
+        One C{GET} of the admin listener (C{/readyz}, C{/stats}, C{/metrics}).
+        """
+        return _request(f"http://127.0.0.1:{self.adminPort}{path}", None, None, None, timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """
+        The daemon's C{/stats} document.
+        """
+        status, _, body = self.admin("/stats")
+        assert status == 200, (status, body)
+        document: Dict[str, Any] = json.loads(body)
+        return document
 
     def items(self, queue: str = "events") -> List[Dict[str, Any]]:
         """
@@ -187,8 +214,71 @@ class Daemon:
         return [json.loads(line) for line in out.splitlines() if line]
 
 
+def _request(
+    url: str,
+    data: Optional[bytes],
+    headers: Optional[Dict[str, str]],
+    method: Optional[str],
+    timeout: float,
+) -> Tuple[int, Dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, _lower(response.headers.items()), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, _lower(e.headers.items()), e.read()
+
+
 def _lower(items: Sequence[Tuple[str, str]]) -> Dict[str, str]:
     return {k.lower(): v for k, v in items}
+
+
+def journaledNumbers(dataDir: Path, queue: str = "events") -> List[int]:
+    """
+    The event numbers (see L{Flood}) in a journal queue, oldest first, read
+    with the journal CLI; none if the queue's directory does not exist (a
+    crash may take it).
+    """
+    if not (dataDir / queue).is_dir():
+        return []
+    out = subprocess.run(
+        [sys.executable, "-m", "mixingest.journal", "cat", str(dataDir), queue],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    ).stdout
+    return [json.loads(line)["properties"]["n"] for line in out.splitlines() if line]
+
+
+def tally(acknowledged: Iterable[int], stored: Sequence[int]) -> Dict[str, int]:
+    """
+    How a queue's content C{stored} (event numbers, oldest first) measures
+    up to what a L{Flood} saw acknowledged: C{acknowledged}; C{lost}, those
+    not stored; C{duplicated}, stored copies beyond the first; C{reordered},
+    first copies stored after a higher number of the same client; and
+    C{unacknowledged}, stored events whose answer the client never saw
+    (allowed: the answer may have been cut off).
+    """
+    acked = set(acknowledged)
+    seen: set = set()
+    highest: Dict[int, int] = {}
+    duplicated = reordered = 0
+    for n in stored:
+        if n in seen:
+            duplicated += 1
+            continue
+        seen.add(n)
+        client = n // 1_000_000
+        if n < highest.get(client, -1):
+            reordered += 1
+        highest[client] = max(n, highest.get(client, -1))
+    return {
+        "acknowledged": len(acked),
+        "lost": len(acked - seen),
+        "duplicated": duplicated,
+        "reordered": reordered,
+        "unacknowledged": len(seen - acked),
+    }
 
 
 def encoded(obj: object) -> str:
@@ -200,32 +290,79 @@ def encoded(obj: object) -> str:
 
 class Flood:
     """
-    Clients sending single events to a daemon as fast as it answers, each
-    event numbered; C{acknowledged} holds the numbers answered C{1}.  Client
-    K numbers its events from K * 1,000,000, so per-client order can be
-    checked on the queue.
+    Clients sending events to a daemon as fast as it answers, each event
+    numbered; C{acknowledged} holds the numbers answered C{1}, and
+    C{acknowledgedAt} when (C{time.monotonic()}, as the answer arrived).
+    Client K numbers its events from K * 1,000,000, so per-client order can
+    be checked on the queue.  A refusal (any other answer) is counted in
+    C{refused} by status, with the last C{Retry-After} seen, and the client
+    goes on with new numbers: nothing is sent twice.
     """
 
-    def __init__(self, daemon: Daemon, clients: int = 4, perClient: int = 100_000) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        clients: int = 4,
+        perClient: int = 100_000,
+        *,
+        batch: int = 1,
+        padding: int = 0,
+        start: int = 0,
+    ) -> None:
+        """
+        @param start: client K numbers its events from K * 1,000,000 +
+            C{start}: a second flood after a restart goes on above the first.
+        @param batch: events per request: one by C{GET}, more as a C{POST}.
+        @param padding: about this many bytes of extra properties per event
+            (in strings of 250 characters, under the cleaner's limit), to
+            fill a disk quickly.
+        """
         self.daemon = daemon
         self.perClient = perClient
+        self.batch = batch
+        self.padding = {f"pad{i}": "x" * 250 for i in range(padding // 250)}
         self.acknowledged: List[int] = []
+        self.acknowledgedAt: Dict[int, float] = {}
+        self.refused: Dict[int, int] = {}
+        self.retryAfter: Optional[str] = None
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._client, args=(k * 1_000_000,)) for k in range(clients)
+            threading.Thread(target=self._client, args=(k * 1_000_000 + start,))
+            for k in range(clients)
         ]
 
     def _client(self, offset: int) -> None:
-        for n in range(offset, offset + self.perClient):
+        for first in range(offset, offset + self.perClient, self.batch):
             if self._stop.is_set():
                 return
-            event = {"event": "e", "properties": {"token": "tok", "n": n}}
+            numbers = range(first, min(first + self.batch, offset + self.perClient))
+            events = [
+                {"event": "e", "properties": {"token": "tok", "n": n, **self.padding}}
+                for n in numbers
+            ]
             try:
-                _, _, body = self.daemon.request(f"/track?data={encoded(event)}", timeout=5)
+                if self.batch == 1:
+                    status, headers, body = self.daemon.request(
+                        f"/track?data={encoded(events[0])}", timeout=5
+                    )
+                else:
+                    status, headers, body = self.daemon.request(
+                        "/track",
+                        f"data={encoded(events)}".encode(),
+                        {"Content-Type": "application/x-www-form-urlencoded"},
+                        timeout=5,
+                    )
             except OSError:
                 return
-            if body == b"1":
-                self.acknowledged.append(n)
+            if status == 200 and body == b"1":
+                now = time.monotonic()
+                for n in numbers:
+                    self.acknowledgedAt[n] = now
+                self.acknowledged.extend(numbers)
+            else:
+                self.refused[status] = self.refused.get(status, 0) + 1
+                self.retryAfter = headers.get("retry-after", self.retryAfter)
+                time.sleep(0.02)
 
     def start(self) -> Flood:
         for thread in self._threads:

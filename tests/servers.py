@@ -139,10 +139,17 @@ class RedisServer:
     measure mixingest's losses, not Redis's.
     """
 
-    def __init__(self, binary: str, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        password: str | None = None,
+        replicaOf: RedisServer | None = None,
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.password = password
+        self.replicaOf = replicaOf
         self.host = "127.0.0.1"
         self.port = freePort()
         self.unixSocket = str(directory / "redis.sock")
@@ -172,6 +179,8 @@ class RedisServer:
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")
+        if self.replicaOf is not None:
+            lines.append(f"replicaof {self.replicaOf.host} {self.replicaOf.port}")
         config.write_text("\n".join(lines) + "\n")
         self._process = subprocess.Popen(
             [self.binary, str(config)],
@@ -316,12 +325,28 @@ class MemcachedServer:
         return rest[:length]
 
 
-def startRedis(directory: Path, password: str | None = None) -> RedisServer:
+def startRedis(
+    directory: Path, password: str | None = None, replicaOf: RedisServer | None = None
+) -> RedisServer:
     """
     Start a C{redis-server} in C{directory}; the caller stops it.
+
+    @param replicaOf: start it as a replica of that server, and wait until
+        its replication link is up.
     """
-    server = RedisServer(_binary("redis-server", "redis-server"), directory, password)
+    directory.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(_binary("redis-server", "redis-server"), directory, password, replicaOf)
     server.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while replicaOf is not None:
+        info = server.command("INFO", "replication")
+        assert isinstance(info, bytes)
+        if b"master_link_status:up" in info:
+            break
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError("the Redis replica did not connect to its primary in time")
+        time.sleep(0.02)
     return server
 
 

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from mixingest.admin import AdminService
 from mixingest.api import IngestAPI
 from mixingest.funnel import Funnel
-from mixingest.metrics import MeteredSite
+from mixingest.metrics import PublicSite
 from tests.daemon import Daemon, freePort
 from tests.test_funnel import HeldQueue
 
@@ -38,7 +38,7 @@ class Running:
         self.funnel = Funnel(self.queue, reactor)
         self.adminPort = freePort()
         self.admin = AdminService(reactor, f"tcp:{self.adminPort}:interface=127.0.0.1", self.funnel)
-        site = MeteredSite(
+        site = PublicSite(
             IngestAPI(self.funnel, reactor, maxBody=100_000).resource(),
             metrics=self.funnel.metrics,
             clock=reactor,
@@ -105,6 +105,18 @@ async def test_readyzFollowsQueueBacklogAndDrain(running: Running) -> None:
     running.queue.release()
     await stopped
     assert (await answer)[::2] == (200, b"1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyzStoppingWhileServing(running: Running) -> None:
+    """
+    During the shutdown grace: not ready, and still storing.
+    """
+    running.funnel.stopping = True
+    code, _, body = await running.get("/readyz")
+    assert (code, json.loads(body)["stopping"], json.loads(body)["draining"]) == (503, True, False)
+    assert (await running.get(f"/track?data={DATA}", public=True))[::2] == (200, b"1")
+    assert running.queue.stored() != []
 
 
 @pytest_twisted.ensureDeferred

@@ -43,9 +43,33 @@ def test_unsafeCallbacks(callback: str) -> None:
     assert callback not in e.value.reason or not callback
 
 
-@pytest.mark.parametrize("url", ["http://example.com/x?y=1", "https://example.com"])
+ALLOWED = frozenset(["example.com"])
+
+
+@pytest.mark.parametrize(
+    "url", ["http://example.com/x?y=1", "https://example.com", "https://EXAMPLE.com:8443/"]
+)
 def test_safeRedirects(url: str) -> None:
-    assert answerStyle({"redirect": url}).redirect == url.encode()
+    assert answerStyle({"redirect": url}, ALLOWED).redirect == url.encode()
+
+
+@pytest.mark.parametrize(
+    "url, hosts",
+    [
+        ("https://example.com/", frozenset()),
+        ("https://anywhere.example/", ALLOWED),
+        ("https://example.com@evil.example/", ALLOWED),
+        ("https://example.com.evil.example/", ALLOWED),
+        ("https://evil.example/example.com", ALLOWED),
+    ],
+)
+def test_redirectHostNotAllowed(url: str, hosts: frozenset) -> None:  # type: ignore[type-arg]
+    """
+    Off unless hosts are allowed, and then only to those hosts (the host
+    a browser would go to, whatever else the URL holds).
+    """
+    with pytest.raises(BadAnswerParameter, match="--redirect-allow"):
+        answerStyle({"redirect": url}, hosts)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +88,7 @@ def test_safeRedirects(url: str) -> None:
 )
 def test_unsafeRedirects(url: str) -> None:
     with pytest.raises(BadAnswerParameter, match="http"):
-        answerStyle({"redirect": url})
+        answerStyle({"redirect": url}, ALLOWED)
 
 
 def test_flags() -> None:

@@ -9,18 +9,21 @@ import base64
 import gzip
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import quote
 
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from mixingest.api import IngestAPI
+from mixingest import codec
+from mixingest.api import UNKNOWN_TOKEN, IngestAPI
 from mixingest.auth import ImportSecrets
 from mixingest.clientip import ClientAddress
-from mixingest.errors import RateLimited
+from mixingest.decoding import maxValuesFor
+from mixingest.errors import QueueUnavailable, RateLimited
 from mixingest.funnel import Funnel
-from mixingest.queues.base import QueueUnavailable
+from mixingest.tokens import TokenList
 
 NOW = 1795697832.25
 EVENT = {
@@ -151,13 +154,48 @@ def test_pixel(h: Harness) -> None:
     assert body.startswith(b"GIF89a")
 
 
-def test_redirect(h: Harness) -> None:
+def test_redirect() -> None:
+    h = Harness(redirectHosts=["Example.com"])
     code, headers, _ = h.call("GET", f"/track?redirect=https%3A%2F%2Fexample.com%2Fok&data={B64}")
     assert code == 302
     assert headers[b"Location"] == [b"https://example.com/ok"]
     code, _, _ = h.call("GET", f"/track?redirect=javascript%3Aalert(1)&data={B64}")
     assert code == 400
     assert len(h.queue.decoded()) == 1
+
+
+REDIRECT_REFUSED = "redirect is only allowed to the hosts given with --redirect-allow"
+
+
+@pytest.mark.parametrize("data", [f"&data={B64}", ""], ids=["with-data", "without-data"])
+def test_redirectOffByDefault(h: Harness, data: str) -> None:
+    """
+    Without --redirect-allow no redirect is followed, with data or without
+    (an open redirect either way): 400 with the reason, nothing stored.
+    """
+    code, headers, body = h.call(
+        "GET", f"/track?verbose=1&redirect=https%3A%2F%2Fanywhere%2F{data}"
+    )
+    assert (code, json.loads(body)) == (400, {"status": 0, "error": REDIRECT_REFUSED})
+    assert b"Location" not in headers
+    assert h.queue.items == {}
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://anywhere.example/",
+        "https://example.com.evil.example/",
+        "https://example.com@evil.example/",
+        "http://evil.example/?https://example.com/",
+    ],
+)
+def test_redirectOnlyToAllowedHosts(target: str) -> None:
+    h = Harness(redirectHosts=["example.com"])
+    code, headers, body = h.call("GET", f"/track?redirect={quote(target, safe='')}&data={B64}")
+    assert (code, body) == (400, b"0")
+    assert b"Location" not in headers
+    assert h.queue.items == {}
 
 
 def test_cors(h: Harness) -> None:
@@ -355,3 +393,143 @@ def test_importNDJSON(h: Harness) -> None:
     assert (code, result["num_records_imported"]) == (400, 1)
     assert result["failed_records"][0]["index"] == 1
     assert "not valid JSON" in result["failed_records"][0]["message"]
+
+
+# -- --tokens -----------------------------------------------------------------
+
+OTHER = {"event": "e", "properties": {"token": "other", "$insert_id": "x-1"}}
+
+
+def test_unknownTokenRefusedAlone() -> None:
+    """
+    With --tokens, a record for another token fails alone, with its reason
+    and index, is counted, and is never stored; the others are.
+    """
+    h = Harness(tokens=TokenList(["tok"]))
+    batch = [EVENT, OTHER, {"event": 5}, EVENT]
+    code, _, body = h.call("POST", "/track?verbose=1", data={"data": json.dumps(batch)})
+    answer = json.loads(body)
+    assert (code, answer["status"]) == (200, 1)
+    assert answer["failed_records"] == [
+        {"index": 1, "field": "properties.token", "message": UNKNOWN_TOKEN},
+        {"index": 2, "field": "event", "message": "missing or empty (must be a non-empty string)"},
+    ]
+    assert [i["properties"]["token"] for i in h.queue.decoded()] == ["tok", "tok"]
+    assert h.funnel.rejected == {"unknown_token": 1}
+
+
+def test_unknownTokenAnyToken() -> None:
+    """
+    The control: without --tokens, the same record is stored.
+    """
+    h = Harness()
+    h.call("POST", "/track", data={"data": json.dumps([EVENT, OTHER])})
+    assert [i["properties"]["token"] for i in h.queue.decoded()] == ["tok", "other"]
+
+
+def test_unknownTokenOnly() -> None:
+    h = Harness(tokens=TokenList(["tok"]))
+    code, _, body = h.call("POST", "/track?verbose=1", data={"data": json.dumps(OTHER)})
+    answer = json.loads(body)
+    assert (code, answer["status"], answer["error"]) == (
+        200,
+        0,
+        f"properties.token: {UNKNOWN_TOKEN}",
+    )
+    assert h.queue.items == {}
+
+
+@pytest.mark.parametrize("endpoint, queue", [("engage", "people"), ("groups", "groups")])
+def test_unknownTokenUpdates(endpoint: str, queue: str) -> None:
+    h = Harness(tokens=TokenList(["tok"]))
+    update: Dict[str, Any] = {"$set": {"plan": "pro"}}
+    if endpoint == "engage":
+        update["$distinct_id"] = "u1"
+    else:
+        update.update({"$group_key": "k", "$group_id": "g"})
+    updates = [dict(update, **{"$token": "other"}), dict(update, **{"$token": "tok"})]
+    code, _, body = h.call("POST", f"/{endpoint}?verbose=1", data={"data": json.dumps(updates)})
+    answer = json.loads(body)
+    assert (code, answer["status"]) == (200, 1)
+    assert answer["failed_records"] == [{"index": 0, "field": "$token", "message": UNKNOWN_TOKEN}]
+    assert [u["$token"] for u in h.queue.decoded(queue)] == ["tok"]
+
+
+def test_unknownTokenImport() -> None:
+    """
+    On /import the secret's tokens and --tokens both apply; the failure
+    names the record's $insert_id.
+    """
+    h = Harness(
+        secrets=ImportSecrets({"tok": "sekrit", "other": "sekrit"}), tokens=TokenList(["tok"])
+    )
+    other = {
+        "event": "e",
+        "properties": {"token": "other", "time": 1700000000, "$insert_id": "o-1"},
+    }
+    code, _, body = h.call("POST", "/import", json=[other, EVENT], auth=("sekrit", ""))
+    answer = json.loads(body)
+    assert (code, answer["num_records_imported"]) == (400, 1)
+    assert answer["failed_records"] == [
+        {"index": 0, "$insert_id": "o-1", "field": "properties.token", "message": UNKNOWN_TOKEN}
+    ]
+
+
+# -- bounded decoding ---------------------------------------------------------
+
+
+def test_tooManyValuesRefusedBeforeParsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A batch of millions of tiny records is refused from a count of its
+    commas and brackets, never parsed; under the bound, a batch over
+    --max-batch is parsed and refused by its length.
+    """
+    parsed: List[int] = []
+    loads = codec.loads
+    monkeypatch.setattr(codec, "loads", lambda data: parsed.append(len(data)) or loads(data))
+    h = Harness(maxBody=10_000_000, maxBatch=10)
+    tiny = b"[" + b"{}," * (maxValuesFor(10) // 2) + b"{}]"
+    code, _, body = h.call("POST", "/track?verbose=1", data=tiny)
+    assert (code, json.loads(body)["error"]) == (
+        413,
+        f"data holds more than {maxValuesFor(10)} JSON values; send fewer records per request",
+    )
+    assert parsed == []
+    code, _, body = h.call("POST", "/track?verbose=1", data=json.dumps([EVENT] * 11))
+    assert (code, json.loads(body)["error"]) == (413, "11 records in one request; the limit is 10")
+    assert len(parsed) == 1
+
+
+def test_ndjsonOverMaxBatch(h: Harness) -> None:
+    """
+    An ndjson body is refused at the first line past --max-batch.
+    """
+    h = Harness(secrets=ImportSecrets({"tok": "sekrit"}), maxBatch=3)
+    lines = b"\n".join([json.dumps(EVENT).encode()] * 4) + b"\n"
+    code, _, answer = h.call(
+        "POST",
+        "/import",
+        data=lines,
+        headers={"Content-Type": "application/x-ndjson"},
+        auth=("sekrit", ""),
+    )
+    assert (code, json.loads(answer)["error"]) == (
+        413,
+        "more than 3 records in one request; the limit is 3",
+    )
+
+
+def test_gzipMembersAfterTheFirst(h: Harness) -> None:
+    """
+    A second gzip member would be ignored by a plain inflate: its events
+    would be answered 1 and lost.  It is an error instead.
+    """
+    body = gzip.compress(b"data=" + B64.encode()) + gzip.compress(b"&more=1")
+    code, _, answer = h.call(
+        "POST", "/track?verbose=1", data=body, headers={"Content-Encoding": "gzip"}
+    )
+    assert (code, json.loads(answer)["error"]) == (
+        200,
+        "gzip body has data after its end; send one gzip member",
+    )
+    assert h.queue.items == {}

@@ -13,10 +13,15 @@ import pytest
 
 from mixingest.decoding import (
     MAX_PARAMETERS,
+    MIN_MAX_VALUES,
+    VALUES_PER_RECORD,
+    checkValues,
+    countValues,
     decodeBase64,
     decodeData,
     decodeRequest,
     decompress,
+    maxValuesFor,
     parseParams,
 )
 from mixingest.errors import BodyTooLarge, DecodeError
@@ -180,3 +185,65 @@ def test_parseParamsIsLenient() -> None:
     many = b"&".join(b"p%d=1" % i for i in range(MAX_PARAMETERS + 1))
     # past the limit, the first MAX_PARAMETERS still say how to answer
     assert parseParams(many) == {f"p{i}": "1" for i in range(MAX_PARAMETERS)}
+
+
+def test_gzipDataAfterTheFirstMember() -> None:
+    """
+    Python's one-shot gzip inflate stops at the end of the first member:
+    the events in a second one would be answered 1 and dropped.  Any data
+    after the first member is an error instead.
+    """
+    first = gzip.compress(b"data=" + B64)
+    for trailer in (gzip.compress(b"&x=1"), b"\0", b"garbage"):
+        with pytest.raises(DecodeError, match="data after its end; send one gzip member"):
+            decodeRequest(b"", first + trailer, b"gzip", 10000)
+    assert decodeRequest(b"", first, b"gzip", 10000).items == [EVENT]
+
+
+@pytest.mark.parametrize(
+    "text, values",
+    [
+        (b"{}", 2),
+        (b"[]", 2),
+        (b'[{"a":1,"b":[2,3]},{}]', 8),
+        (b'{"a":1}\n{"a":2}\n', 5),
+        (b'"a,b,[c"', 4),
+    ],
+)
+def test_countValues(text: bytes, values: int) -> None:
+    """
+    An upper bound, from commas, brackets and line breaks: at least the
+    number of JSON values (elements and members) for any text.
+    """
+    assert countValues(text) == values
+
+
+def test_checkValues() -> None:
+    """
+    Over the bound, refused without parsing; a short text is never counted.
+    """
+    checkValues(b"[" + b"1," * 48 + b"1]", 50)
+    with pytest.raises(BodyTooLarge, match="more than 50 JSON values"):
+        checkValues(b"[" + b"1," * 50 + b"1]", 50)
+    with pytest.raises(BodyTooLarge, match="more than 50 JSON values"):
+        decodeData(base64.b64encode(b"[" + b"{}," * 30 + b"{}]"), 50)
+    checkValues(b"[" + b"1," * 50 + b"1]", None)
+
+
+def test_maxValuesFor() -> None:
+    """
+    Generous for SDK batches, and never below what a 100,000-level nesting
+    needs (the parser refuses it cheaply, with its own reason).
+    """
+    assert maxValuesFor(2000) == max(MIN_MAX_VALUES, 2000 * VALUES_PER_RECORD)
+    assert maxValuesFor(1) == MIN_MAX_VALUES > countValues(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_ndjsonBoundedByMaxRecords() -> None:
+    """
+    An ndjson body stops being parsed at the first record past the limit.
+    """
+    line = json.dumps(EVENT).encode()
+    assert len(decodeRequest(b"", b"\n".join([line] * 3), None, 10000, 3).items) == 3
+    with pytest.raises(BodyTooLarge, match="more than 3 records in one request; the limit is 3"):
+        decodeRequest(b"", b"\n\n".join([line] * 4), None, 10000, 3)

@@ -1,7 +1,7 @@
 """
 A graceful stop under load, on the real daemon: SIGTERM while clients send
 as fast as they can; the daemon exits in time and every event it answered
-C{1} for is in the journal.
+C{1} for is in the journal, with or without a shutdown grace.
 """
 
 from __future__ import annotations
@@ -15,16 +15,20 @@ import urllib.parse
 from pathlib import Path
 from typing import List
 
+import pytest
+
 from tests.daemon import Daemon, freePort
 
 DRAIN_TIMEOUT = 5.0
 
 
-def test_sigtermUnderLoadKeepsEveryAcknowledgedEvent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grace", [0.0, 2.0])
+def test_sigtermUnderLoadKeepsEveryAcknowledgedEvent(tmp_path: Path, grace: float) -> None:
     daemon = Daemon(
         tmp_path,
         f"--admin-listen=tcp:{freePort()}:interface=127.0.0.1",
         f"--drain-timeout={DRAIN_TIMEOUT}",
+        f"--shutdown-grace={grace}",
     ).start()
     acknowledged: List[int] = []
     refused: List[int] = []
@@ -51,8 +55,8 @@ def test_sigtermUnderLoadKeepsEveryAcknowledgedEvent(tmp_path: Path) -> None:
         assert started.wait(10)
         time.sleep(1.0)
         signalled = time.monotonic()
-        daemon.terminate(timeout=DRAIN_TIMEOUT + 10)
-        assert time.monotonic() - signalled < DRAIN_TIMEOUT + 5
+        daemon.terminate(timeout=grace + DRAIN_TIMEOUT + 10)
+        assert time.monotonic() - signalled < grace + DRAIN_TIMEOUT + 5
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.stop(signal.SIGKILL)

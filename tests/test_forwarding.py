@@ -19,8 +19,9 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.task import deferLater
 
+from mixingest.errors import InDoubt, QueueUnavailable
 from mixingest.journal import FsyncPolicy, Journal
-from mixingest.queues.base import EventQueue, QueueUnavailable
+from mixingest.queues.base import EventQueue
 from mixingest.queues.forwarding import ForwardingQueue
 from mixingest.queues.kestrel import KestrelQueue
 from mixingest.queues.redis import RedisQueue
@@ -214,42 +215,254 @@ async def test_restartForwardsLeftovers(tmp_path: Path) -> None:
         await third.stopService()
 
 
-@pytest_twisted.ensureDeferred
-async def test_failedCheckpointResends(tmp_path: Path) -> None:
+def failingCommits(journal: Journal, failing: list[bool], attempts: list[Any]) -> None:
     """
-    If the checkpoint cannot be written after the remote acknowledged (the
-    window a crash could hit), the batch is sent again: a duplicate, never
-    a loss.
+    Make the checkpoint writes of C{journal}'s readers fail with ENOSPC
+    while C{failing[0]} is true, recording every attempt.
     """
-    remote = FakeRemote()
-    remote.failing = True
-    journal = makeJournal(tmp_path)
-    queue = await started(makeForwarding(remote, journal))
     realReader = journal.reader
-    broken = []
 
     def reader(name: str, checkpointName: str) -> Any:
         inner = realReader(name, checkpointName)
         commit = inner.commit
 
-        def failOnce(position: Any) -> None:
-            if not broken:
-                broken.append(position)
-                raise OSError("disk full")
+        def maybeFail(position: Any) -> None:
+            attempts.append(position)
+            if failing[0]:
+                raise OSError(28, "No space left on device")
             commit(position)
 
-        inner.commit = failOnce  # type: ignore[method-assign]
+        inner.commit = maybeFail  # type: ignore[method-assign]
         return inner
 
     journal.reader = reader  # type: ignore[method-assign]
+
+
+@pytest_twisted.ensureDeferred
+async def test_failingCheckpointNeverResends(tmp_path: Path) -> None:
+    """
+    A checkpoint write that keeps failing after the remote acknowledged (a
+    full disk) is retried on its own: nothing the remote acknowledged is
+    sent again, the status says why the forwarder waits, and the
+    checkpoint lands once the disk works.  (The old forwarder resent the
+    batch on every retry: a flood of duplicates.)
+    """
+    remote = FakeRemote()
+    remote.failing = True
+    journal = makeJournal(tmp_path)
+    queue = await started(makeForwarding(remote, journal, batchItems=3))
+    failing, attempts = [True], []
+    failingCommits(journal, failing, attempts)
     try:
-        await queue.put("events", items(b"n", 4))
+        await queue.put("events", items(b"n", 10))
         remote.failing = False
+        await waitUntil(lambda: len(attempts) >= 6, what="several failed checkpoint writes")
+        status = queue.status()["forwarder"]
+        assert "checkpoint write for events failed" in status["reason"]
+        assert status["checkpointFailures"] >= 5
+        assert status["uncommitted"] == ["events"]
+        assert remote.items == {"events": items(b"n", 10)}
+        failing[0] = False
         await waitUntil(lambda: drained(queue), what="the journal to be forwarded")
-        assert broken
-        assert remote.items == {"events": items(b"n", 4) * 2}
+        await waitUntil(
+            lambda: not queue.status()["forwarder"]["uncommitted"], what="the checkpoint"
+        )
+        assert remote.items == {"events": items(b"n", 10)}
     finally:
         await queue.stopService()
+    with journal.reader("events", "forwarder") as reader:
+        assert reader.committed is not None
+        assert reader.read(10, 1 << 20) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_failingCheckpointFreesForwardedSegments(tmp_path: Path) -> None:
+    """
+    While the checkpoint cannot be written, the segments before the
+    acknowledged position are deleted all the same (they are safe in the
+    remote), which is what gives a full disk room for the checkpoint.
+    """
+    remote = FakeRemote()
+    remote.failing = True
+    journal = makeJournal(tmp_path, segmentSize=512)
+    queue = await started(makeForwarding(remote, journal, batchItems=5))
+    failing, attempts = [True], []
+    failingCommits(journal, failing, attempts)
+    try:
+        for n in range(0, 40, 4):
+            await queue.put("events", items(b"n", 4, start=n, pad=40))
+        queueDir = tmp_path / "journal" / "events"
+        before = len(list(queueDir.glob("*.seg")))
+        remote.failing = False
+        await waitUntil(lambda: drained(queue), what="the journal to be forwarded")
+        after = len(list(queueDir.glob("*.seg")))
+        assert before > 3
+        assert after < before
+        assert remote.items == {"events": items(b"n", 40, pad=40)}
+    finally:
+        failing[0] = False
+        await queue.stopService()
+    # The stop wrote the checkpoint at last: a restart sends nothing again.
+    again = FakeRemote()
+    restarted = await started(makeForwarding(again, makeJournal(tmp_path, segmentSize=512)))
+    try:
+        await waitUntil(lambda: drained(restarted), what="the restarted forwarder")
+        assert again.items == {}
+    finally:
+        await restarted.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_putsJournaledInPutOrder(tmp_path: Path) -> None:
+    """
+    A put that has to go to the journal while an earlier put of its queue
+    is still with the remote waits for that one: if the earlier one fails,
+    its copy is journaled first, so the remote still gets them in order.
+    """
+    remote = FakeRemote()
+    queue = await started(makeForwarding(remote, makeJournal(tmp_path)))
+    try:
+        remote.hold = Deferred()
+        first = queue.put("events", items(b"a", 2))
+        remote.failing = True  # the connection is lost with "a" in flight
+        second = queue.put("events", items(b"b", 2))
+        remote.hold.errback(QueueUnavailable("connection lost"))
+        remote.hold = None
+        await gatherResults([first, second])
+        remote.failing = False
+        await waitUntil(lambda: drained(queue), what="the journal to be forwarded")
+        assert remote.items == {"events": items(b"a", 2) + items(b"b", 2)}
+    finally:
+        await queue.stopService()
+
+
+class ResolvingRemote(FakeRemote):
+    """
+    A remote that settles in-doubt puts and deduplicates journaled items
+    by sequence number, as the Redis queue does.
+
+    @ivar doubt: the next direct put fails in doubt; if C{"stored"}, the
+        remote stored it all the same (a command applied late).
+    @ivar marks: the highest sequence number stored, by (source, queue).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.doubt: str | None = None
+        self.settled: dict[bytes, bool] = {}
+        self.resolved: list[bytes] = []
+        self.marks: dict[tuple[str, str], int] = {}
+        self.journaled: list[tuple[str, list[int]]] = []
+
+    def put(self, queue: str, items: Sequence[bytes]) -> Deferred[None]:
+        if self.doubt is None or self.failing:
+            return super().put(queue, items)
+        marker = b"doubt-%d" % len(self.settled)
+        self.settled[marker] = self.doubt == "stored"
+        if self.doubt == "stored":
+            self.items.setdefault(queue, []).extend(items)
+        self.doubt = None
+        return fail(InDoubt("no answer in time", marker))
+
+    def putJournaled(
+        self, queue: str, items: Sequence[bytes], source: str, seqs: Sequence[int]
+    ) -> Deferred[None]:
+        self.journaled.append((source, list(seqs)))
+        if self.failing:
+            return fail(QueueUnavailable("fake remote is down"))
+        mark = self.marks.get((source, queue), -1)
+        fresh = [item for item, seq in zip(items, seqs) if seq > mark]
+        self.items.setdefault(queue, []).extend(fresh)
+        self.marks[(source, queue)] = max(mark, *seqs)
+        return succeed(None)
+
+    def resolve(self, queue: str, marker: bytes) -> Deferred[bool]:
+        self.resolved.append(marker)
+        return succeed(self.settled[marker])
+
+
+@pytest.mark.parametrize("outcome", ["stored", "lost"])
+@pytest_twisted.ensureDeferred
+async def test_inDoubtPutSettled(tmp_path: Path, outcome: str) -> None:
+    """
+    A direct put that fails in doubt is journaled behind a marker; the
+    forwarder asks the remote to settle it and skips the copy if the
+    remote had stored it, else forwards it: either way, once, in order.
+    """
+    remote = ResolvingRemote()
+    queue = await started(makeForwarding(remote, makeJournal(tmp_path)))
+    try:
+        await queue.put("events", items(b"a", 2))
+        remote.doubt = outcome
+        await queue.put("events", items(b"b", 2))
+        await queue.put("events", items(b"c", 2))
+        await waitUntil(lambda: drained(queue), what="the journal to be forwarded")
+        assert remote.items == {"events": items(b"a", 2) + items(b"b", 2) + items(b"c", 2)}
+        assert remote.resolved == [b"doubt-0"]
+        assert queue.status()["forwarder"]["skippedInDoubt"] == (2 if outcome == "stored" else 0)
+    finally:
+        await queue.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inDoubtMarkerSurvivesRestart(tmp_path: Path) -> None:
+    """
+    The marker is in the journal, so a daemon that restarts before
+    forwarding still settles the in-doubt put, and the marker never
+    reaches a consumer of the journal.
+    """
+    remote = ResolvingRemote()
+    first = await started(makeForwarding(remote, makeJournal(tmp_path)))
+    remote.doubt = "stored"
+    inDoubt = first.put("events", items(b"b", 3))
+    remote.failing = True  # before the forwarder could settle it
+    await inDoubt
+    await first.put("events", items(b"c", 1))
+    assert remote.resolved == []
+    await first.stopService()
+    with makeJournal(tmp_path).reader("events") as reader:
+        assert [item for _, item in reader] == items(b"b", 3) + items(b"c", 1)
+    remote.failing = False
+    second = await started(makeForwarding(remote, makeJournal(tmp_path)))
+    try:
+        await waitUntil(lambda: drained(second), what="the journal to be forwarded")
+        assert remote.items == {"events": items(b"b", 3) + items(b"c", 1)}
+        assert remote.resolved == [b"doubt-0"]
+    finally:
+        await second.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwardedWithJournalSequenceNumbers(tmp_path: Path) -> None:
+    """
+    A remote that deduplicates is sent the journal's identity and each
+    item's sequence number, so a batch resent after a crash between the
+    remote's acknowledgement and the checkpoint is stored once.
+    """
+    remote = ResolvingRemote()
+    remote.failing = True
+    journal = makeJournal(tmp_path)
+    queue = await started(makeForwarding(remote, journal, batchItems=4))
+    failing, attempts = [True], []
+    failingCommits(journal, failing, attempts)
+    await queue.put("events", items(b"n", 6))
+    remote.failing = False
+    await waitUntil(lambda: remote.items.get("events") == items(b"n", 6), what="the forward")
+    # Even the stop's last try fails: as after a crash, nothing was
+    # checkpointed.
+    await queue.stopService()
+    source = journal.source
+    assert source
+    again = await started(makeForwarding(remote, makeJournal(tmp_path), batchItems=4))
+    try:
+        await waitUntil(lambda: drained(again), what="the journal to be forwarded again")
+        assert remote.items == {"events": items(b"n", 6)}
+        sources = {sent for sent, _ in remote.journaled}
+        assert sources == {source}
+        seqs = [seq for _, batch in remote.journaled for seq in batch]
+        assert seqs[: len(seqs) // 2] == seqs[len(seqs) // 2 :]
+    finally:
+        await again.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -264,7 +477,9 @@ async def test_journalFailurePropagates(tmp_path: Path) -> None:
     journal = makeJournal(tmp_path)
     queue = await started(makeForwarding(remote, journal))
     realPut = journal.put
-    journal.put = lambda q, batch: fail(QueueUnavailable("disk failed"))  # type: ignore[method-assign]
+    journal.put = lambda q, batch, marker=None: fail(  # type: ignore[method-assign]
+        QueueUnavailable("disk failed")
+    )
     try:
         with pytest.raises(QueueUnavailable, match="disk failed"):
             await queue.put("events", [b"x"])

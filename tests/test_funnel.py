@@ -14,9 +14,8 @@ from twisted.python.failure import Failure
 
 from mixingest.cleaning import CleanItem
 from mixingest.dedupe import RecentInsertIds
-from mixingest.errors import Overloaded, RateLimited
+from mixingest.errors import Overloaded, QueueUnavailable, RateLimited
 from mixingest.funnel import BACKLOG_POLL_INTERVAL, Funnel, backlogOf
-from mixingest.queues.base import QueueUnavailable
 from mixingest.ratelimit import RateLimiter
 
 
@@ -225,7 +224,13 @@ def test_rateLimitWholeRequest() -> None:
     result(h.store("track", item("quiet"), item("quiet")))
     status = h.funnel.status()
     assert status["rejected"] == {"rate_limit": 2}
-    assert status["rate_limit"] == {"rate": 2.0, "rejected": 2, "tokens": 2}
+    assert status["rate_limit"] == {
+        "rate": 2.0,
+        "rejected": 2,
+        "tokens": 2,
+        "global_rate": None,
+        "global_rejected": 0,
+    }
     assert status["tokens"]["noisy"]["1m"] == {"events": 2, "bytes": 4, "rejects": 1}
     assert status["tokens"]["quiet"]["1m"] == {"events": 2, "bytes": 4, "rejects": 1}
     h.clock.advance(1)
@@ -331,11 +336,17 @@ def test_statusShape(h: Harness) -> None:
     assert status["draining"] is False
     assert status["backlog"] == {"events": 0, "limit": h.funnel.maxBacklog, "over": False}
     assert status["dedupe"] == {"hits": 0, "entries": 0, "size": 100_000, "ttl": 600.0}
-    assert status["rate_limit"] == {"rate": None, "rejected": 0, "tokens": 0}
+    assert status["rate_limit"] == {
+        "rate": None,
+        "rejected": 0,
+        "tokens": 0,
+        "global_rate": None,
+        "global_rejected": 0,
+    }
     assert status["tokens"]["tok"]["total"] == {"events": 1, "bytes": 3, "rejects": 0}
     assert status["backend"] == {"backend": "double", "backlog": {}}
     assert set(status) == {
-        "uptime", "ready", "draining", "in_flight", "backlog", "queues", "rejected",
+        "uptime", "ready", "draining", "stopping", "in_flight", "backlog", "queues", "rejected",
         "dedupe", "rate_limit", "tokens", "backend",
     }  # fmt: skip
 
@@ -364,3 +375,25 @@ def test_countersRecordBytesPerToken(h: Harness) -> None:
     tokens: Dict[str, Any] = h.funnel.status()["tokens"]
     assert tokens["a"]["1m"] == {"events": 1, "bytes": 2, "rejects": 0}
     assert tokens["b"]["1m"] == {"events": 1, "bytes": 3, "rejects": 0}
+
+
+def test_globalRateLimit() -> None:
+    """
+    The global limit refuses a request whatever its tokens, counted under
+    its own reason.
+    """
+    h = Harness(limiter=RateLimiter(rate=None, globalRate=2))
+    result(h.store("track", item("a"), item("b")))
+    with pytest.raises(RateLimited, match="over 2 events/s for this server") as refused:
+        h.store("track", item("c"))
+    assert refused.value.retryAfter == 1
+    status = h.funnel.status()
+    assert status["rejected"] == {"global_rate_limit": 1}
+    assert status["rate_limit"]["global_rate"] == 2
+    assert status["rate_limit"]["global_rejected"] == 1
+
+
+def test_statusSources() -> None:
+    h = Harness()
+    h.funnel.statusSources["http"] = lambda: {"connections": 3}
+    assert h.funnel.status()["http"] == {"connections": 3}

@@ -1,5 +1,5 @@
 """
-The HTTP layer under hostile clients, in memory: an L{IngestSite} channel on a
+The HTTP layer under hostile clients, in memory: an L{HardenedSite} channel on a
 string transport with a fake clock, so deadlines are exact and fast.  The same
 attacks go over real sockets in L{tests.test_hostile_requests}.
 """
@@ -7,7 +7,7 @@ attacks go over real sockets in L{tests.test_hostile_requests}.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -17,14 +17,15 @@ from twisted.internet.testing import StringTransport
 from twisted.web import http
 
 from mixingest.api import IngestAPI
+from mixingest.budget import BodyBudget
 from mixingest.cleaning import CleanItem
 from mixingest.httpsite import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     MAX_HEAD_BYTES,
     MAX_HEADERS,
+    HardenedSite,
     IngestChannel,
-    IngestSite,
     redactedLogFormatter,
 )
 
@@ -47,16 +48,31 @@ class Connection:
     One client connection to a fresh site.
     """
 
-    def __init__(self, **siteArgs: Any) -> None:
-        self.clock = Clock()
-        self.funnel = StubFunnel()
-        api = IngestAPI(self.funnel, self.clock, maxBody=MAX_BODY)  # type: ignore[arg-type]
-        siteArgs.setdefault("timeout", IDLE)
-        self.site = IngestSite(api.resource(), maxBody=MAX_BODY, reactor=self.clock, **siteArgs)
+    def __init__(self, *, sharing: Optional[Connection] = None, **siteArgs: Any) -> None:
+        """
+        @param sharing: another connection whose site (and clock) this one
+            connects to; otherwise a fresh site is built from C{siteArgs}.
+        """
+        if sharing is None:
+            self.clock = Clock()
+            self.funnel = StubFunnel()
+            api = IngestAPI(self.funnel, self.clock, maxBody=MAX_BODY)  # type: ignore[arg-type]
+            siteArgs.setdefault("timeout", IDLE)
+            self.site = HardenedSite(
+                api.resource(), maxBody=MAX_BODY, reactor=self.clock, **siteArgs
+            )
+        else:
+            self.clock, self.funnel, self.site = sharing.clock, sharing.funnel, sharing.site
         address = IPv4Address("TCP", "127.0.0.1", 40000)
         self.channel: IngestChannel = self.site.buildProtocol(address)
         self.transport = StringTransport(peerAddress=address)
         self.channel.makeConnection(self.transport)
+
+    def another(self) -> Connection:
+        """
+        A second connection to the same site.
+        """
+        return Connection(sharing=self)
 
     def send(self, data: bytes) -> None:
         self.channel.dataReceived(data)
@@ -499,3 +515,164 @@ def test_accessLogRedactsApiKey() -> None:
     assert "s3cret" not in line and "other" not in line
     assert "/import?project_id=1&api_key=REDACTED&x=1&API%5Fkey=REDACTED" in line
     assert Connection().site._logFormatter is redactedLogFormatter
+
+
+# -- all bodies together: the budget ------------------------------------------
+
+BUDGET = 8192
+"""
+A budget for these tests: large bodies (over 1000 bytes) may fill 7168 of
+it, small ones all of it.
+"""
+
+
+def budgeted() -> Connection:
+    return Connection(budget=BodyBudget(BUDGET, smallBody=1000))
+
+
+def head(length: int, path: bytes = b"/track?verbose=1") -> bytes:
+    return b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length
+
+
+def form(size: int) -> bytes:
+    """
+    A form body of exactly C{size} bytes holding one good event.
+    """
+    body = b"data=" + EVENT.replace(b'"', b"%22") + b"&pad="
+    return body + b"p" * (size - len(body))
+
+
+def test_declaredBodyOverBudgetRefusedBeforeRead() -> None:
+    """
+    While one body holds most of the budget, another that would not fit is
+    answered 503 with Retry-After as soon as its headers are in, before a
+    byte of it is buffered, and without "100 Continue"; once the first is
+    answered its bytes are free again.
+    """
+    first = budgeted()
+    first.send(head(4000) + form(4000)[:2000])
+    assert first.site.budget.used == 4000
+    second = first.another()
+    second.send(head(4000)[:-2] + b"Expect: 100-continue\r\n\r\n")
+    [(status, headers, body)] = second.answers()
+    assert status == 503
+    assert headers[b"retry-after"] == b"1"
+    assert headers[b"connection"] == b"close"
+    assert json.loads(body) == {
+        "status": 0,
+        "error": "too many request bodies are being received at once; retry",
+    }
+    assert second.closed
+    second.send(form(4000))
+    assert first.site.budget.status() == {
+        "used": 4000,
+        "peak": 4000,
+        "limit": BUDGET,
+        "reserved_for_small": 1024,
+        "refused": 1,
+    }
+    first.send(form(4000)[2000:])
+    assert [a[0] for a in first.answers()] == [200]
+    assert first.site.budget.used == 0
+    third = first.another()
+    third.send(head(4000) + form(4000))
+    assert [a[0] for a in third.answers()] == [200]
+    assert len(first.funnel.stored) == 2
+
+
+def test_declaredBodyUnderBudget() -> None:
+    """
+    The control: with room in the budget, the same two bodies are taken.
+    """
+    first = Connection(budget=BodyBudget(BUDGET * 2, smallBody=1000))
+    first.send(head(4000) + form(4000)[:2000])
+    second = first.another()
+    second.send(head(4000) + form(4000))
+    assert [a[0] for a in second.answers()] == [200]
+
+
+def test_smallBodiesUseTheReserve() -> None:
+    """
+    Large bodies leave the last eighth of the budget to small ones, so that
+    SDK batches get through while a few large bodies fill it.
+    """
+    large = budgeted()
+    large.send(head(4000) + form(4000)[:10])
+    large.another().send(head(3000) + form(3000)[:10])
+    small = large.another()
+    small.send(head(900) + form(900))
+    assert [a[0] for a in small.answers()] == [200]
+    larger = large.another()
+    larger.send(head(1100))
+    assert [a[0] for a in larger.answers()] == [503]
+
+
+def test_chunkedBodyOverBudget() -> None:
+    """
+    A chunked body is charged as it arrives, and refused (503) at the chunk
+    that does not fit, before its end.
+    """
+    first = budgeted()
+    first.send(head(4000) + form(4000)[:100])
+    first.another().send(head(2000) + form(2000)[:100])
+    second = first.another()
+    second.send(chunked(b"/track?verbose=1", [b"data=" + b"x" * 495], end=False))
+    assert second.answers() == []
+    assert first.site.budget.used == 6500
+    second.send(b"%x\r\n%s\r\n" % (1000, b"x" * 1000))
+    [(status, headers, _)] = second.answers()
+    assert (status, headers[b"retry-after"]) == (503, b"1")
+    assert first.site.budget.used == 6000
+    second.send(b"%x\r\n%s\r\n0\r\n\r\n" % (1000, b"x" * 1000))
+    assert first.site.budget.used == 6000
+
+
+def test_budgetReleasedWhenTheConnectionGoes() -> None:
+    """
+    A body never finished gives its bytes back when its connection is
+    lost, whether the client leaves or the body deadline closes it.
+    """
+    c = budgeted()
+    c.send(head(4000) + form(4000)[:100])
+    c.close()
+    assert c.site.budget.used == 0
+    slow = c.another()
+    slow.send(head(4000) + form(4000)[:100])
+    slow.clock.advance(DEFAULT_HEADER_TIMEOUT + DEFAULT_BODY_TIMEOUT)
+    assert [a[0] for a in slow.answers()] == [408]
+    slow.close()
+    assert c.site.budget.used == 0
+
+
+def test_tooLargeBodyNotCharged() -> None:
+    c = budgeted()
+    c.send(head(MAX_BODY + 1))
+    assert [a[0] for a in c.answers()] == [413]
+    assert c.site.budget.status()["refused"] == c.site.budget.used == 0
+
+
+# -- connections ---------------------------------------------------------------
+
+
+def test_maxConnections() -> None:
+    """
+    Past the limit a new connection is answered 503 before it is read and
+    closed, and counted; once one closes, a new one is served again.
+    """
+    first = Connection(maxConnections=2)
+    second = first.another()
+    third = first.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    transport = StringTransport()
+    third.makeConnection(transport)
+    assert transport.value() == (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"retry-after: 1\r\ncontent-length: 21\r\nconnection: close\r\n\r\n"
+        b"too many connections\n"
+    )
+    assert transport.disconnecting
+    assert first.site.status()["connections"] == {"open": 2, "limit": 2, "refused": 1}
+    second.close()
+    fourth = first.another()
+    fourth.send(get(GOOD))
+    assert [a[0] for a in fourth.answers()] == [200]
+    assert first.site.status()["connections"] == {"open": 2, "limit": 2, "refused": 1}

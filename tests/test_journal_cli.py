@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 
-from mixingest.journal.framing import HEADER_SIZE
+import pytest
+
+from mixingest.journal.framing import HEADER_SIZE, RECORD_HEADER_SIZE, listSegments, segmentPath
 from mixingest.journal.fsync import FsyncPolicy
 from mixingest.journal.reader import JournalReader
 from mixingest.journal.writer import SegmentWriter
@@ -87,9 +89,11 @@ def test_stats(tmp_path):
     result = run("stats", "--json", str(tmp_path))
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)["queues"]
-    record = 8 + len(item(10))
+    record = RECORD_HEADER_SIZE + len(item(10))
     events = stats["events"]
-    assert (events["records"], events["segments"]) == (30, 5)
+    segments = len(listSegments(os.path.join(str(tmp_path), "events")))
+    assert (events["records"], events["segments"]) == (30, segments)
+    assert segments > 3
     assert events["checkpoints"]["fwd"]["backlogRecords"] == 20
     assert events["checkpoints"]["fwd"]["backlogBytes"] == 20 * record
     sizes = sorted(
@@ -97,13 +101,13 @@ def test_stats(tmp_path):
     )
     assert events["bytes"] == sum(sizes)
     assert stats["people"]["records"] == 3 and stats["people"]["checkpoints"] == {}
-    assert stats["people"]["bytes"] == HEADER_SIZE + 3 * (8 + len(item(0)))
+    assert stats["people"]["bytes"] == HEADER_SIZE + 3 * (RECORD_HEADER_SIZE + len(item(0)))
 
     text = run("stats", str(tmp_path))
     assert text.returncode == 0
     lines = text.stdout.decode().splitlines()
-    assert lines[0] == f"events: 30 records, 5 segments, {sum(sizes)} bytes"
-    assert lines[1].startswith("  checkpoint fwd at segment 7 offset")
+    assert lines[0] == f"events: 30 records, {segments} segments, {sum(sizes)} bytes"
+    assert lines[1].startswith(f"  checkpoint fwd at segment {reader.committed.segment} offset")
     assert lines[1].endswith(f"backlog 20 records, {20 * record} bytes")
     assert lines[2].startswith("people: 3 records, 1 segments")
 
@@ -111,6 +115,103 @@ def test_stats(tmp_path):
 def test_help():
     result = run("--help")
     assert result.returncode == 0
-    assert b"cat" in result.stdout and b"stats" in result.stdout
+    assert b"cat" in result.stdout and b"stats" in result.stdout and b"verify" in result.stdout
     assert b"one JSON object per line" in run("cat", "--help").stdout
     assert run().returncode == 2
+
+
+def flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x20]))
+
+
+def recordOffset(n: int) -> int:
+    """
+    Where item n starts in a segment that began with item 0.
+    """
+    return HEADER_SIZE + sum(RECORD_HEADER_SIZE + len(item(k)) for k in range(n))
+
+
+def test_catOverDamage(tmp_path):
+    """
+    cat reports a damaged record on stderr and prints everything else.
+    """
+    makeJournal(tmp_path, "events", 10)
+    segment = segmentPath(os.path.join(str(tmp_path), "events"), 0)
+    flip(segment, recordOffset(4) + 30)
+    result = run("cat", str(tmp_path), "events")
+    assert result.returncode == 0
+    assert result.stdout == b"".join(item(n) + b"\n" for n in range(10) if n != 4)
+    length = RECORD_HEADER_SIZE + len(item(4))
+    assert f"{length} damaged bytes at offset {recordOffset(4)}".encode() in result.stderr
+    assert segment.encode() in result.stderr
+
+
+def test_verifyIntact(tmp_path):
+    makeJournal(tmp_path, "events", 20, segmentSize=500)
+    makeJournal(tmp_path, "people", 3)
+    result = run("verify", str(tmp_path))
+    assert result.returncode == 0, result.stdout
+    segments = len(listSegments(os.path.join(str(tmp_path), "events"))) + 1
+    assert result.stdout.decode().splitlines() == [
+        f"OK: 2 queues, {segments} segments, 23 records: 0 damaged ranges (0 bytes), "
+        "0 torn tails, 0 unknown formats"
+    ]
+
+
+def test_verifyDamage(tmp_path):
+    """
+    verify prints each damaged range and exits 1; a torn tail of the newest
+    segment alone is reported but exits 0.
+    """
+    makeJournal(tmp_path, "events", 10)
+    makeJournal(tmp_path, "people", 3)
+    events = segmentPath(os.path.join(str(tmp_path), "events"), 0)
+    with open(events, "ab") as f:
+        f.write(b"\xffMX")
+    result = run("verify", str(tmp_path))
+    assert result.returncode == 0
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith(
+        f"events/00000000000000000000.seg: torn tail: 3 bytes at offset {recordOffset(10)}"
+    )
+    assert lines[1].startswith("OK: ") and "1 torn tails" in lines[1]
+
+    flip(events, recordOffset(2) + 5)
+    flip(events, recordOffset(6) + 40)
+    result = run("verify", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.decode().splitlines()
+    assert lines[:2] == [
+        f"events/00000000000000000000.seg: damaged: {recordOffset(3) - recordOffset(2)} "
+        f"bytes at offset {recordOffset(2)}",
+        f"events/00000000000000000000.seg: damaged: {recordOffset(7) - recordOffset(6)} "
+        f"bytes at offset {recordOffset(6)}",
+    ]
+    assert lines[-1].startswith("DAMAGED: 2 queues, 2 segments, 11 records: 2 damaged ranges")
+    # One queue only: the other is not looked at.
+    only = run("verify", str(tmp_path), "people")
+    assert only.returncode == 0 and only.stdout.decode().startswith("OK: 1 queues")
+
+
+def test_verifyUnknownFormat(tmp_path):
+    makeJournal(tmp_path, "events", 3)
+    queueDir = os.path.join(str(tmp_path), "events")
+    with open(segmentPath(queueDir, 3), "wb") as f:
+        f.write(b"MXJRNL\x00\x04" + b"later")
+    result = run("verify", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith("events/00000000000000000003.seg: unknown format: ")
+    assert "format version 4" in lines[0]
+    assert lines[1].endswith("1 unknown formats")
+
+
+@pytest.mark.parametrize(
+    "args", [["verify"], ["verify", "/nonexistent/journal"], ["verify", ".", "no/such"]]
+)
+def test_verifyUsage(tmp_path, args):
+    assert run(*args, cwd=str(tmp_path)).returncode == 2

@@ -1,18 +1,28 @@
 """
-Reading a journal queue: checkpoints, limits, a concurrent writer, damage
-in older segments, backlog and retention.
+Reading a journal queue: checkpoints, limits, a concurrent writer, damage,
+markers, format 1 segments, backlog and retention.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import zlib
 
 import pytest
 from twisted.logger import globalLogPublisher
 
-from mixingest.journal.framing import HEADER_SIZE, encodeRecords, listSegments, segmentPath
+from mixingest.journal.framing import (
+    HEADER_SIZE,
+    HEADER_V1,
+    RECORD_HEADER_SIZE,
+    JournalFormatError,
+    Marker,
+    encodeRecords,
+    listSegments,
+    segmentPath,
+)
 from mixingest.journal.fsync import FsyncPolicy
 from mixingest.journal.reader import (
     JournalReader,
@@ -23,7 +33,7 @@ from mixingest.journal.reader import (
 )
 from mixingest.journal.writer import SegmentWriter
 
-RECORD = 8 + 16
+RECORD = RECORD_HEADER_SIZE + 16
 
 
 def item(n: int) -> bytes:
@@ -130,7 +140,7 @@ def test_incompleteTailIsNotYet(tmp_path, logged):
     """
     q = tmp_path / "q"
     write(q, [item(0)])
-    record = bytes(encodeRecords([item(1)]))
+    record = bytes(encodeRecords([item(1)], 1))
     segment = segmentPath(str(q), 0)
     reader = JournalReader(str(q))
     assert payloads(reader) == [item(0)]
@@ -174,21 +184,219 @@ def test_concurrentWriter(tmp_path, logged):
     assert logged == []
 
 
+def flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x20]))
+
+
+def damageEvents(logged):
+    return [e for e in logged if "damaged bytes" in e.get("log_format", "")]
+
+
 def test_damageInOlderSegmentSkipped(tmp_path, logged):
     """
-    Damage in a segment that is not the newest is logged and skipped: the
-    reader goes on with the next segment.
+    Damage in a segment that is not the newest costs only the damaged
+    record: it is logged once and skipped, and the records after it in the
+    same segment are read.
     """
     q = tmp_path / "q"
     write(q, [item(n) for n in range(9)], segmentSize=HEADER_SIZE + 3 * RECORD, groups=9)
     assert listSegments(str(q)) == [0, 3, 6]
-    with open(segmentPath(str(q), 3), "r+b") as f:
-        f.seek(HEADER_SIZE + RECORD + 10)
-        f.write(b"X")
+    flip(segmentPath(str(q), 3), HEADER_SIZE + RECORD + 10)
     with JournalReader(str(q)) as reader:
-        assert payloads(reader) == [item(n) for n in [0, 1, 2, 3, 6, 7, 8]]
-    [warning] = [e for e in logged if "damaged" in e["log_format"]]
-    assert warning["offset"] == HEADER_SIZE + RECORD and warning["later"] == 6
+        assert payloads(reader) == [item(n) for n in [0, 1, 2, 3, 5, 6, 7, 8]]
+        assert (reader.damaged, reader.damagedRanges) == (RECORD, 1)
+    [error] = damageEvents(logged)
+    assert error["offset"] == HEADER_SIZE + RECORD and error["length"] == RECORD
+    assert error["path"] == segmentPath(str(q), 3)
+
+
+# Offsets in a record: sync marker, kind and length, sequence number,
+# payload CRC, header CRC, payload.
+IN_RECORD = [0, 3, 5, 10, 17, 21, RECORD_HEADER_SIZE + 3, RECORD - 1]
+
+
+@pytest.mark.parametrize("where", IN_RECORD)
+@pytest.mark.parametrize("sealed", [False, True], ids=["newest", "sealed"])
+def test_damageCostsOneRecord(tmp_path, logged, where, sealed):
+    """
+    A byte flipped anywhere in a record, in the newest segment or a sealed
+    one, loses that record only; the numbers of the records after it do not
+    change.
+    """
+    q = tmp_path / "q"
+    write(q, [item(n) for n in range(6)])
+    if sealed:
+        write(q, [item(6)], segmentSize=HEADER_SIZE + 6 * RECORD)
+        assert listSegments(str(q)) == [0, 6]
+    flip(segmentPath(str(q), 0), HEADER_SIZE + 2 * RECORD + where)
+    with JournalReader(str(q)) as reader:
+        got = reader.read()
+        assert [p for _, p in got] == [item(n) for n in [0, 1, 3, 4, 5] + [6] * sealed]
+        assert [position.seq - 1 for position, _ in got] == [0, 1, 3, 4, 5] + [6] * sealed
+        assert (reader.damaged, reader.damagedRanges) == (RECORD, 1)
+        assert reader.read() == []
+        # Bytes measure disk use: the damaged record's too.
+        assert reader.backlog() == (6 + sealed - 1, (6 + sealed) * RECORD)
+    [error] = damageEvents(logged)
+    assert (error["offset"], error["length"]) == (HEADER_SIZE + 2 * RECORD, RECORD)
+
+
+def test_damagedTailOfNewestWaits(tmp_path, logged):
+    """
+    Bad bytes at the end of the newest segment may be a record still being
+    written, as far as a reader can tell: it skips them only once an intact
+    record follows them, or a newer segment exists.
+    """
+    q = tmp_path / "q"
+    write(q, [item(n) for n in range(3)])
+    flip(segmentPath(str(q), 0), HEADER_SIZE + 2 * RECORD + 30)
+    reader = JournalReader(str(q))
+    assert payloads(reader) == [item(0), item(1)]
+    assert payloads(reader) == [] and damageEvents(logged) == []
+    # Records appended after them prove that they are damage.
+    with open(segmentPath(str(q), 0), "ab") as f:
+        f.write(bytes(encodeRecords([item(3)], 3)))
+    assert payloads(reader) == [item(3)]
+    assert reader.damagedRanges == 1
+    # The same, when the writer moved on to a new segment instead.
+    (q / "00000000000000000004.seg").write_bytes(bytes(HEADER_SIZE))
+    flip(segmentPath(str(q), 0), os.path.getsize(segmentPath(str(q), 0)) - 1)
+    more = JournalReader(str(q))
+    assert payloads(more) == [item(0), item(1)]
+    with open(segmentPath(str(q), 4), "wb") as f:
+        f.write(b"MXJRNL\x00\x02" + bytes(encodeRecords([item(4)], 4)))
+    assert payloads(more) == [item(4)]
+    # Records 2 and 3 are both damaged: one range, to the end of the segment.
+    assert (more.damagedRanges, more.damaged) == (1, 2 * RECORD)
+    reader.close()
+    more.close()
+
+
+@pytest.mark.parametrize("where", [0, 10, 21, RECORD - 1])
+def test_checkpointAcrossDamage(tmp_path, logged, where):
+    """
+    A checkpoint written before damage resumes where it was: damage before
+    it does not make the reader reread the segment, and damage just after
+    it costs that record only.
+    """
+    q = tmp_path / "q"
+    write(q, [item(n) for n in range(8)])
+    reader = JournalReader(str(q), "fwd")
+    reader.commit(reader.read(maxItems=4)[-1][0])
+    reader.close()
+    segment = segmentPath(str(q), 0)
+    flip(segment, HEADER_SIZE + 1 * RECORD + where)  # before the checkpoint
+    flip(segment, HEADER_SIZE + 4 * RECORD + where)  # just after it
+    again = JournalReader(str(q), "fwd")
+    assert payloads(again) == [item(n) for n in [5, 6, 7]]
+    assert not [e for e in logged if "does not match" in e.get("log_format", "")]
+    assert again.damagedRanges == 1
+    # A checkpoint right after the skipped range holds too.
+    again.seek(again.committed)
+    batch = again.read(maxItems=1)
+    again.commit(again.position)
+    assert again.position.offset == HEADER_SIZE + 6 * RECORD and batch[0][1] == item(5)
+    assert payloads(JournalReader(str(q), "fwd")) == [item(6), item(7)]
+
+
+def test_checkpointAfterSkippedDamage(tmp_path, logged):
+    """
+    A reader that stops right after skipping damage holds a position at the
+    start of the next intact record, numbered like it; committed, it
+    resumes there.
+    """
+    q = tmp_path / "q"
+    write(q, [item(n) for n in range(4)])
+    flip(segmentPath(str(q), 0), HEADER_SIZE + RECORD + 30)
+    reader = JournalReader(str(q), "fwd")
+    assert [p for _, p in reader.read(maxBytes=len(item(0)))] == [item(0)]
+    assert reader.position == Position(0, HEADER_SIZE + 2 * RECORD, 2, 0)
+    reader.commit(reader.position)
+    again = JournalReader(str(q), "fwd")
+    assert payloads(again) == [item(2), item(3)]
+    assert again.damagedRanges == 0
+    assert not [e for e in logged if "does not match" in e.get("log_format", "")]
+
+
+def test_markers(tmp_path):
+    """
+    Markers are skipped by default (the position moves past them) and
+    returned as Marker payloads on request; backlog counts them.
+    """
+    q = tmp_path / "q"
+    writer = SegmentWriter(str(q), FsyncPolicy.never(), 1 << 20)
+    writer.commit([item(0), Marker(b"note"), item(1)], sync=False)
+    writer.commit([Marker(b"last")], sync=False)
+    writer.close()
+    with JournalReader(str(q), "plain") as reader:
+        assert reader.backlog() == (4, 2 * RECORD + 2 * (RECORD_HEADER_SIZE + 4))
+        got = reader.read()
+        assert [p for _, p in got] == [item(0), item(1)]
+        assert all(type(p) is bytes for _, p in got)
+        assert got[1][0].seq == 3
+        assert reader.position.seq == 4  # past the last marker too
+        reader.commit(reader.position)
+        assert reader.backlog() == (0, 0)
+    with JournalReader(str(q)) as reader:
+        got = reader.read(markers=True)
+    assert [p for _, p in got] == [item(0), b"note", item(1), b"last"]
+    assert [type(p) for _, p in got] == [bytes, Marker, bytes, Marker]
+    assert [position.seq for position, _ in got] == [1, 2, 3, 4]
+
+
+def writeV1(queueDir, base: int, items, tail: bytes = b"") -> None:
+    """
+    A format 1 segment, as the code before format 2 wrote it.
+    """
+    os.makedirs(queueDir, exist_ok=True)
+    body = b"".join(struct.pack(">II", len(x), zlib.crc32(x)) + x for x in items)
+    with open(segmentPath(str(queueDir), base), "wb") as f:
+        f.write(HEADER_V1 + body + tail)
+
+
+def test_formatOne(tmp_path, logged):
+    """
+    Format 1 segments are read as before, numbered by counting, with their
+    checkpoints; damage in a sealed one skips the rest of it (no sync
+    marker to find the next record by).
+    """
+    q = tmp_path / "q"
+    writeV1(q, 0, [item(n) for n in range(3)])
+    writeV1(q, 3, [item(n) for n in range(3, 6)])
+    flip(segmentPath(str(q), 3), HEADER_SIZE + 8 + 16 + 3)
+    writeV1(q, 6, [item(6), item(7)])
+    reader = JournalReader(str(q), "fwd")
+    # Records counted up to the damage; bytes as on disk.
+    assert reader.backlog() == (3 + 1 + 2, 8 * (8 + 16))
+    got = reader.read()
+    assert [p for _, p in got] == [item(n) for n in [0, 1, 2, 3, 6, 7]]
+    assert [position.seq for position, _ in got] == [1, 2, 3, 4, 7, 8]
+    assert reader.damagedRanges == 1
+    [error] = damageEvents(logged)
+    assert error["offset"] == HEADER_SIZE + 24 and "segment 6" in error["then"]
+    reader.commit(got[1][0])
+    again = JournalReader(str(q), "fwd")
+    assert payloads(again) == [item(n) for n in [2, 3, 6, 7]]
+    assert again.backlog()[0] == 1 + 1 + 2
+
+
+def test_unknownFormat(tmp_path):
+    """
+    A reader that reaches a segment of an unknown format stops with an
+    error instead of skipping it.
+    """
+    q = tmp_path / "q"
+    write(q, [item(0)])
+    (q / "00000000000000000001.seg").write_bytes(b"MXJRNL\x00\x09" + b"x" * 40)
+    reader = JournalReader(str(q))
+    with pytest.raises(JournalFormatError, match="format version 9"):
+        reader.read()
+    with pytest.raises(JournalFormatError):
+        reader.backlog()
 
 
 def test_backlog(tmp_path):

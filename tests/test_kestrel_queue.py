@@ -21,7 +21,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-from mixingest.queues.base import EventQueue, QueueUnavailable
+from mixingest.errors import QueueUnavailable
+from mixingest.queues.base import EventQueue
 from mixingest.queues.kestrel import KestrelQueue
 from tests.kestrel_double import KestrelDouble, deleteQueue, drain
 from tests.servers import MemcachedServer, freePort, memcachedServer, waitUntil

@@ -39,6 +39,21 @@ from mixingest.queues.urls import (
         ("redis+unix:///run/redis.sock", RedisTarget(path="/run/redis.sock")),
         ("redis+unix:///run/redis.sock?db=4", RedisTarget(path="/run/redis.sock", db=4)),
         ("redis+unix://:pw@/run/r.sock?db=1", RedisTarget(path="/run/r.sock", db=1, password="pw")),
+        ("redis://h:1/0?timeout=0.5", RedisTarget(host="h", port=1, timeout=0.5)),
+        ("redis://h?ttl=86400", RedisTarget(host="h", ttl=86400)),
+        ("redis://h/2?replicas=1", RedisTarget(host="h", db=2, replicas=1)),
+        ("redis://h?replicas=0", RedisTarget(host="h")),
+        ("redis://h?wait=aof", RedisTarget(host="h", waitAOF=True)),
+        (
+            "redis://:pw@h:1/3?timeout=2&ttl=60&replicas=2&wait=aof",
+            RedisTarget(
+                host="h", port=1, db=3, password="pw", timeout=2.0, ttl=60, replicas=2, waitAOF=True
+            ),
+        ),
+        (
+            "redis+unix:///r.sock?db=1&timeout=3&replicas=1",
+            RedisTarget(path="/r.sock", db=1, timeout=3.0, replicas=1),
+        ),
         ("kestrel://k1:22133", KestrelTarget((("k1", 22133),))),
         ("kestrel://k1", KestrelTarget((("k1", 22133),))),
         ("kestrel://k1/", KestrelTarget((("k1", 22133),))),
@@ -74,7 +89,19 @@ def test_parse(url: str, expected: object) -> None:
         ("redis+unix://", "missing the absolute path"),
         ("redis+unix:///r.sock?db=x", "database must be a number"),
         ("redis+unix:///r.sock?db=1&db=2", "more than once"),
-        ("redis+unix:///r.sock?timeout=3", "unknown parameter(s) timeout"),
+        ("redis+unix:///r.sock?tls=1", "unknown parameter(s) tls"),
+        ("redis://h?timeout=0", "timeout must be a number of seconds above 0"),
+        ("redis://h?timeout=-1", "timeout must be"),
+        ("redis://h?timeout=nan", "timeout must be"),
+        ("redis://h?timeout=inf", "timeout must be"),
+        ("redis://h?timeout=", "not ''"),
+        ("redis://h?timeout=1&timeout=2", "timeout given more than once"),
+        ("redis://h?ttl=0", "ttl must be a whole number of seconds, at least 1"),
+        ("redis://h?ttl=1.5", "ttl must be"),
+        ("redis://h?replicas=-1", "replicas must be a whole number"),
+        ("redis://h?replicas=x", "replicas must be"),
+        ("redis://h?wait=fsync", "wait must be 'aof', not 'fsync'"),
+        ("redis://h?wait=", "wait must be 'aof'"),
         ("kestrel://", "expected kestrel://HOST"),
         ("kestrel://k1/events", "nothing else"),
         ("kestrel://k1,,k2", "missing host"),
@@ -99,6 +126,13 @@ def test_passwordNotInErrors() -> None:
         parseQueueURL("redis://:hunter2@h:0/0")
     assert "hunter2" not in str(e.value)
     assert "***" in str(e.value)
+
+
+def test_passwordNotInOptionErrors() -> None:
+    with pytest.raises(ValueError) as e:
+        parseQueueURL("redis://:hunter2@h:1/0?timeout=never")
+    assert "hunter2" not in str(e.value)
+    assert "timeout must be" in str(e.value)
 
 
 def test_passwordNotInRepr() -> None:
@@ -131,6 +165,36 @@ def test_makeRedis() -> None:
     assert isinstance(queue.remote, RedisQueue)
     assert queue.remote.prefix == "mx:"
     assert queue.remote.address == "redis://h:1/2"
+
+
+def test_makeRedisOptions() -> None:
+    """
+    The URL's options reach the Redis queue; its timeout wins over the
+    default write timeout.
+    """
+    url = "redis://h:1/0?timeout=0.25&ttl=3600&replicas=2&wait=aof"
+    queue = makeQueue(parseQueueURL(url), _Journal(), MemoryReactorClock(), writeTimeout=9.0)  # type: ignore[arg-type]
+    assert isinstance(queue, ForwardingQueue)
+    assert isinstance(queue.remote, RedisQueue)
+    status = queue.remote.status()
+    assert (status["writeTimeout"], status["markTTL"], status["replicas"], status["waitAOF"]) == (
+        0.25,
+        3600,
+        2,
+        True,
+    )
+    plain = makeQueue(
+        parseQueueURL("redis://h"), _Journal(), MemoryReactorClock(), writeTimeout=9.0
+    )  # type: ignore[arg-type]
+    assert isinstance(plain, ForwardingQueue)
+    assert isinstance(plain.remote, RedisQueue)
+    status = plain.remote.status()
+    assert (status["writeTimeout"], status["markTTL"], status["replicas"], status["waitAOF"]) == (
+        9.0,
+        7 * 24 * 3600,
+        0,
+        False,
+    )
 
 
 def test_makeRedisUnix() -> None:

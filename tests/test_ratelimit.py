@@ -6,7 +6,7 @@ affect each other, and the number of buckets stays bounded.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from hypothesis import given, settings
@@ -110,3 +110,72 @@ def test_neverAboveRate(ops: List[Tuple[str, int, float]], rate: float, maxToken
             for end, count in spans[i:]:
                 total += count
                 assert total <= rate * (end - start) + rate + 20 + 1e-6
+
+
+# -- the global limit ------------------------------------------------------------
+
+
+def test_rotatingTokensHeldByTheGlobalLimit() -> None:
+    """
+    A fresh token per request gets past any per-token limit; the global
+    one holds it to its rate, plus one burst and one request's worth.
+    """
+    clock = Clock()
+    perToken = RateLimiter(rate=100)
+    both = RateLimiter(rate=100, globalRate=200)
+    admitted = {id(perToken): 0, id(both): 0}
+    for n in range(1000):
+        clock.advance(0.01)  # ten seconds in all
+        for limiter in (perToken, both):
+            if limiter.admit([(f"fresh-{n}", 50)], clock.seconds()) == 0:
+                admitted[id(limiter)] += 50
+    assert admitted[id(perToken)] == 50_000, "the control: rotation defeats a per-token limit"
+    assert admitted[id(both)] <= 200 * 10 + 200 + 50
+
+
+def test_globalRefusalSaysWhich() -> None:
+    limiter = RateLimiter(rate=None, globalRate=10)
+    assert limiter.refusal([("a", 10)], 0.0) is None
+    reason, refusal = limiter.refusal([("b", 1)], 0.0)  # type: ignore[misc]
+    assert (reason, refusal.reason, refusal.retryAfter) == (
+        "global_rate_limit",
+        "over 10 events/s for this server; retry",
+        1,
+    )
+    assert limiter.refusal([("b", 1)], 0.5) is None
+    assert len(limiter) == 0, "no per-token buckets without a per-token rate"
+
+
+def test_freshTokenStartsNoFullerThanTheGlobalBucket() -> None:
+    """
+    A token never seen (or forgotten) starts with what the global bucket
+    holds when that is less than a full per-token bucket, so fresh tokens
+    bring no credit beyond the server's bound: here the global bucket holds
+    1 when "fresh" sends 10, which puts it 9 in debt rather than at 0.
+    """
+    limiter = RateLimiter(rate=10, globalRate=100)
+    for n in range(9):
+        assert limiter.admit([(f"t{n}", 11)], 0.0) == 0
+    assert limiter.admit([("fresh", 10)], 0.0) == 0
+    # Half a second later the server has credit again, the fresh token not:
+    # 9 in debt, refilled by 5.  A full first bucket would have left it 5.
+    reason, refusal = limiter.refusal([("fresh", 1)], 0.5)  # type: ignore[misc]
+    assert (reason, refusal.retryAfter) == ("rate_limit", 1)
+    assert limiter.admit([("other", 1)], 0.5) == 0
+    assert limiter.admit([("fresh", 1)], 1.0) == 0
+
+
+def test_perTokenLimitStillPerToken() -> None:
+    limiter = RateLimiter(rate=10, globalRate=1000)
+    assert limiter.admit([("noisy", 10)], 0.0) == 0
+    reason, _ = limiter.refusal([("noisy", 1)], 0.0)  # type: ignore[misc]
+    assert reason == "rate_limit"
+    assert limiter.admit([("quiet", 1)], 0.0) == 0
+
+
+@pytest.mark.parametrize(
+    "rate, globalRate", [(None, None), (0, None), (None, 0), (-1, 5.0), (5.0, -1)]
+)
+def test_globalBoundsMustBePositive(rate: Optional[float], globalRate: Optional[float]) -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(rate, 10, globalRate)

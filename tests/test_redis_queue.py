@@ -17,8 +17,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 
-from mixingest.queues.base import EventQueue, QueueUnavailable
+from mixingest.errors import QueueUnavailable
+from mixingest.queues.base import EventQueue
 from mixingest.queues.redis import RedisQueue
 from tests.servers import RedisServer, redisServer, startRedis, waitUntil
 
@@ -48,11 +50,11 @@ async def redisQueue(redisServer: RedisServer) -> AsyncIterator[RedisQueue]:
     await queue.stopService()
 
 
-def rpushCalls(server: RedisServer) -> int:
+def commandCalls(server: RedisServer, command: str) -> int:
     info = server.command("INFO", "commandstats")
     assert isinstance(info, bytes)
     for line in info.decode().splitlines():
-        if line.startswith("cmdstat_rpush:"):
+        if line.startswith(f"cmdstat_{command}:"):
             return int(line.split("calls=")[1].split(",")[0])
     return 0
 
@@ -92,8 +94,9 @@ async def test_putAppendsInOrder(redisServer: RedisServer, redisQueue: RedisQueu
 @pytest_twisted.ensureDeferred
 async def test_concurrentPutsShareCommands(redisServer: RedisServer) -> None:
     """
-    Puts for a list that arrive while an C{RPUSH} to it is in flight go out
-    together in the next one, in arrival order, up to C{maxItemsPerCommand}.
+    Puts for a list that arrive while a write to it is in flight go out
+    together in the next one (one script call), in arrival order, up to
+    C{maxItemsPerCommand}.
     """
     queue = makeRedisQueue(redisServer, maxItemsPerCommand=50)
     queue.startService()
@@ -103,7 +106,8 @@ async def test_concurrentPutsShareCommands(redisServer: RedisServer) -> None:
         await gatherResults([queue.put("events", [b"%d" % i]) for i in range(200)])
         assert redisServer.items("events") == [b"%d" % i for i in range(200)]
         # The first goes alone; the 199 that waited go as 50 + 50 + 50 + 49.
-        assert rpushCalls(redisServer) == 5
+        assert commandCalls(redisServer, "evalsha") == 5
+        assert commandCalls(redisServer, "rpush") == 5
     finally:
         await queue.stopService()
 
@@ -193,10 +197,45 @@ async def test_writeTimeout(redisServer: RedisServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_reconnectAfterSetupTimeout(redisServer: RedisServer) -> None:
+    """
+    A reconnection whose C{SELECT} times out (Redis still frozen) is retried:
+    txredisapi alone would stop reconnecting for good, as after a wrong
+    password.
+    """
+    messages: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        messages.append(formatEvent(event) or "")
+
+    queue = makeRedisQueue(redisServer, writeTimeout=0.3, poolSize=1)
+    queue.startService()
+    globalLogPublisher.addObserver(observe)
+    try:
+        await waitUntil(queue.ready, what="a Redis connection")
+        redisServer.pause()
+        try:
+            with pytest.raises(QueueUnavailable):
+                await queue.put("events", [b"frozen"])
+            await waitUntil(
+                lambda: any("could not set dbid" in m for m in messages),
+                what="a reconnection to time out in SELECT",
+            )
+        finally:
+            redisServer.resume()
+        await waitUntil(queue.ready, what="the pool to reconnect")
+        await queue.put("events", [b"fine"])
+        assert queue.status()["state"] == "up"
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await queue.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_stopFinishesAcceptedPuts(redisServer: RedisServer) -> None:
     """
     C{stopService} sends what was accepted before it, including puts that
-    were waiting behind an C{RPUSH}, and refuses what comes after.
+    were waiting behind a write, and refuses what comes after.
     """
     queue = makeRedisQueue(redisServer)
     queue.startService()

@@ -113,7 +113,10 @@ def test_remoteQueueOwnsTheJournal(tmp_path: Path) -> None:
     """
     reactor = MemoryReactorClock()
     top = makeService(
-        parse("--data-dir", str(tmp_path), "--queue", "redis://127.0.0.1:1/0"), reactor
+        parse(
+            "--data-dir", str(tmp_path), "--queue", "redis://127.0.0.1:1/0", "--shutdown-grace=0"
+        ),
+        reactor,
     )
     kinds = [type(child) for child in top]
     assert kinds[0] is ForwardingQueue

@@ -7,6 +7,7 @@ parent only for a moment.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -22,12 +23,15 @@ from typing import Callable, List, Tuple
 import pytest
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.python.usage import UsageError
 
 from mixingest.journal.service import Journal
+from mixingest.orphans import OrphanJournals
 from mixingest.tap import Options, makeService
-from mixingest.workers import WorkerSupervisor, workerAdminEndpoint
+from mixingest.workers import WorkerSupervisor, _Worker, workerAdminEndpoint, workerLogObserver
 from tests.daemon import ROOT, Daemon, freePort
+from tests.servers import startRedis
 
 
 def parse(*args: str) -> Options:
@@ -74,17 +78,20 @@ def test_workerAdminEndpoint(description: str, index: int, expected: str) -> Non
 def test_serviceTree(tmp_path: Path) -> None:
     """
     The parent holds no journal and no listener: only the supervisor, which
-    starts every worker with the parent's options and its own directory.
+    starts every worker with the parent's options and its own directory
+    (logging through the parent), and the forwarder of orphaned journals.
     """
     options = parse(
         "--workers=2", f"--data-dir={tmp_path}", "--listen=tcp:0", "--fsync", "interval:20"
     )
     top = makeService(options, MemoryReactorClock())
     assert isinstance(top, MultiService)
-    [supervisor] = list(top)
-    assert isinstance(supervisor, WorkerSupervisor)
+    [supervisor] = [child for child in top if isinstance(child, WorkerSupervisor)]
+    [orphans] = [child for child in top if isinstance(child, OrphanJournals)]
+    assert (orphans.dataDir, orphans.workers) == (str(tmp_path), 2)
     assert not any(isinstance(child, Journal) for child in top)
     command = supervisor.workerCommand(1)
+    assert "--logger=mixingest.workers.workerLogObserver" in command
     assert command[command.index("mixingest") + 1 :] == [
         "--workers=2",
         f"--data-dir={tmp_path}",
@@ -97,19 +104,20 @@ def test_serviceTree(tmp_path: Path) -> None:
     ]
 
 
-def adjacentFreePorts() -> int:
+def adjacentFreePorts(count: int = 2) -> int:
     """
-    A port P such that P and P + 1 were both free a moment ago.
+    A port P such that P to P + count - 1 were all free a moment ago.
     """
     for _ in range(50):
         port = freePort()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
+        try:
+            for offset in range(1, count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
         return port
-    raise RuntimeError("no two adjacent free ports")
+    raise RuntimeError(f"no {count} adjacent free ports")
 
 
 def childrenOf(pid: int) -> List[int]:
@@ -214,6 +222,8 @@ def test_workersShareThePortAndSurviveAKill(workers: Tuple[Daemon, int]) -> None
     log = daemon.log()
     assert "exited (signal 9)" in log and "starting it again" in log
     assert log.count("Server Shut Down.") >= 3  # both workers, then the parent
+    # Through the parent's --logfile, with the worker as the log system.
+    assert "[worker-0] Server Shut Down." in log and "[worker-1] Server Shut Down." in log
     perWorker = [workerItems(daemon, 0), workerItems(daemon, 1)]
     assert all(perWorker), [len(items) for items in perWorker]
     stored = [item["properties"]["$insert_id"] for items in perWorker for item in items]
@@ -242,3 +252,127 @@ def test_workersDieWithTheParent(workers: Tuple[Daemon, int]) -> None:
         return True
 
     waitFor(gone, "the orphaned workers to exit", timeout=30)
+
+
+class RelayedTo:
+    """
+    What a L{_Worker} needs of its supervisor to relay its output: the
+    publisher of its log events and a logger for plain text.
+    """
+
+    def __init__(self) -> None:
+        self.events: List[LogEvent] = []
+        self.log = Logger(observer=self.events.append)
+
+    def publish(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+
+def test_workerLogEventsKeepTheirLevel() -> None:
+    """
+    A worker's log events reach the parent's observers as events of the
+    same level (an error stays an error, with its traceback), in the system
+    C{worker-K}; plain output is info, standard error is an error.
+    """
+    out = io.StringIO()
+    workerLog = Logger(observer=workerLogObserver(out), namespace="w")
+    workerLog.info("serving {n}", n=1)
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        workerLog.failure("write failed")
+    parent = RelayedTo()
+    worker = _Worker(parent, 1)  # type: ignore[arg-type]
+    data = out.getvalue().encode()
+    worker.childDataReceived(1, data[:7])
+    worker.childDataReceived(1, data[7:] + b"not json\n")
+    worker.childDataReceived(2, b"Traceback (most recent call last):\n")
+    info, error, text, stderr = parent.events
+    assert (info["log_level"], info["log_system"]) == (LogLevel.info, "worker-1")
+    assert formatEvent(info) == "serving 1"
+    assert (error["log_level"], error["log_system"]) == (LogLevel.critical, "worker-1")
+    assert "ZeroDivisionError: division by zero" in formatEventAsClassicLogText(error)
+    assert (text["log_level"], formatEvent(text)) == (LogLevel.info, "not json")
+    assert (stderr["log_level"], stderr["log_system"]) == (LogLevel.error, "worker-1")
+
+
+def startDaemon(directory: Path, count: int, *args: str) -> Tuple[Daemon, int]:
+    """
+    The daemon with C{--workers count}, once every worker answers.
+    """
+    admin = adjacentFreePorts(count)
+    daemon = Daemon(
+        directory,
+        f"--workers={count}",
+        f"--admin-listen=tcp:{admin}:interface=127.0.0.1",
+        "--fsync=never",
+        *args,
+    ).start()
+    try:
+        waitFor(lambda: all(healthy(admin + k) for k in range(count)), "every worker")
+    except BaseException:
+        stopDaemon(daemon)
+        raise
+    return daemon, admin
+
+
+def stopDaemon(daemon: Daemon) -> None:
+    if daemon.process is not None and daemon.process.poll() is None:
+        daemon.terminate()
+    for pid in childrenOf(daemon.process.pid if daemon.process else -1):
+        os.kill(pid, signal.SIGKILL)
+
+
+def journalItems(directory: Path) -> List[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "mixingest.journal", "cat", str(directory), "events"],
+        capture_output=True,
+        cwd=ROOT,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (3, 2)])
+def test_changingWorkersStrandsNothing(tmp_path: Path, before: int, after: int) -> None:
+    """
+    Events spooled while Redis was down, by a daemon with C{--workers
+    before}, all reach Redis exactly once after a restart with C{--workers
+    after} and Redis up, whichever journal directories held them.
+    """
+    redis = startRedis(tmp_path)
+    redis.stop()
+    daemon, _ = startDaemon(tmp_path, before, f"--queue={redis.url}")
+    sent = []
+    try:
+        for _ in range(200):
+            sent.append(uuid.uuid4().hex[:32])
+            assert track(daemon, sent[-1]) == (200, b"1")
+    finally:
+        stopDaemon(daemon)
+    data = daemon.dataDir
+    spooled = [data] if before == 1 else [data / f"worker-{k}" for k in range(before)]
+    owned = [data] if after == 1 else [data / f"worker-{k}" for k in range(after)]
+    # The control: what the restarted daemon's own journals do not hold.
+    stranded = [d for d in spooled if d not in owned and journalItems(d)]
+    assert stranded, "no journal to strand: the test would prove nothing"
+    assert sorted(
+        i["properties"]["$insert_id"] for d in spooled for i in journalItems(d)
+    ) == sorted(sent)
+
+    redis.start()
+    try:
+        daemon, _ = startDaemon(tmp_path, after, f"--queue={redis.url}")
+        try:
+            waitFor(lambda: len(redis.items("events")) >= len(sent), "every event in Redis", 60)
+            waitFor(
+                lambda: all(
+                    f"{d} forwarded: orphaned journal released" in daemon.log() for d in stranded
+                ),
+                "the orphaned journals released",
+            )
+        finally:
+            stopDaemon(daemon)
+        stored = [json.loads(item)["properties"]["$insert_id"] for item in redis.items("events")]
+    finally:
+        redis.stop()
+    assert sorted(stored) == sorted(sent)

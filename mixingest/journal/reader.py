@@ -3,9 +3,15 @@ Reading a journal queue: blocking, so call it from a thread (or a CLI).
 
 Readers never lock anything and may run while the daemon appends: a record
 that runs past the end of the newest segment is one still being written, so
-reading stops there ("not yet") and sees it on a later call.  Once a newer
-segment exists the writer will never touch an older one again, so damage
-in an older segment is logged and skipped instead.
+reading stops there ("not yet") and sees it on a later call.
+
+Damage costs only the damaged bytes (format 2): a reader skips from a bad
+record to the next intact one, once it is certain that the bad bytes are
+damage and not a record still being written: an intact record after them
+proves it, as does a newer segment (the writer never touches an older one
+again).  Each skipped range is logged once and counted in
+L{JournalReader.damaged}.  A format 1 segment has no sync marker, so the
+rest of it is skipped (once it is not the newest).
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 from twisted.logger import Logger
 
 from mixingest.journal.framing import (
+    BAD,
     HEADER_SIZE,
-    INCOMPLETE,
     OK,
+    Marker,
     SegmentScanner,
+    Survey,
     listSegments,
     segmentPath,
 )
 from mixingest.journal.fsync import syncDirectory
-from mixingest.queues.base import validQueueName
+from mixingest.naming import validQueueName
 
 __all__ = [
     "JournalReader",
@@ -35,6 +43,7 @@ __all__ = [
     "SegmentCounter",
     "backlogAfter",
     "deleteConsumedSegments",
+    "highestCheckpointSeq",
     "listCheckpoints",
     "listQueues",
     "loadCheckpoint",
@@ -51,11 +60,14 @@ class Position(NamedTuple):
 
     @ivar segment: the base sequence number naming the segment file.
     @ivar offset: the byte offset in that file.
-    @ivar seq: the sequence number of the next record, which makes backlog
-        counting cheap (records are numbered densely within a segment).
-    @ivar crc: the CRC-32 of the record just before C{offset} (0 at a
-        segment start), so that a checkpoint can tell whether that record
-        is still there.
+    @ivar seq: the least sequence number that the record at C{offset} may
+        have: the number of the record just before it plus one (the next
+        one has more after damage or a gap).  At a segment start, the
+        segment's base; just after a skipped damaged range, the number of the
+        intact record there.
+    @ivar crc: the payload CRC-32 of the record just before C{offset} (0 at
+        a segment start or after damage), so that a checkpoint can tell
+        whether that record is still there.
     """
 
     segment: int
@@ -118,26 +130,50 @@ def loadCheckpoint(queueDir: str, name: str) -> Optional[Position]:
     return position
 
 
+def highestCheckpointSeq(queueDir: str) -> int:
+    """
+    @return: the highest sequence number that any readable checkpoint of
+        C{queueDir} reached (0 without one).  Checkpoints are fsynced, so
+        this survives a power loss that took records a reader had already
+        returned: the writer numbers new records past it, never reusing a
+        number that a reader may have passed on.
+    """
+    highest = 0
+    for name in listCheckpoints(queueDir):
+        with contextlib.suppress(ValueError):
+            position = loadCheckpoint(queueDir, name)
+            if position is not None:
+                highest = max(highest, position.seq)
+    return highest
+
+
+class _Counted(NamedTuple):
+    survey: Survey
+    size: int
+    sealed: bool
+
+
 class SegmentCounter:
     """
-    Counts the valid records of segments, remembering what it counted: a
+    Counts the intact records of segments, remembering what it counted: a
     segment that is no longer the newest never changes, and the newest only
     grows (short of crash recovery, after which it is counted again).
+    Markers count as records.
     """
 
     def __init__(self, queueDir: str) -> None:
         self.queueDir = queueDir
-        self._known: Dict[int, Tuple[int, int, bool]] = {}
+        self._known: Dict[int, _Counted] = {}
 
     def count(self, base: int, sealed: bool) -> Tuple[int, int]:
         """
         @param sealed: whether a newer segment exists.
-        @return: C{(records, size)}: valid records and bytes of segment
+        @return: C{(records, size)}: intact records and bytes of segment
             C{base}; C{(0, 0)} if it is gone.
         """
         known = self._known.get(base)
-        if known is not None and known[2]:
-            return known[0], known[1]
+        if known is not None and known.sealed:
+            return known.survey.records, known.size
         try:
             scanner = SegmentScanner(segmentPath(self.queueDir, base))
         except FileNotFoundError:
@@ -145,19 +181,35 @@ class SegmentCounter:
             return 0, 0
         try:
             size = scanner.size()
-            records = 0
-            if scanner.header() == OK:
-                if known is not None and known[1] <= size:
-                    more, end, _ = scanner.scan(known[1])
-                    records = known[0] + more
-                else:
-                    records, end, _ = scanner.scan()
-                # Remember where counting stopped, not the size: the tail may
-                # be a record still being written.
-                self._known[base] = (records, end, sealed)
+            if scanner.header() != OK:
+                return 0, size
+            if known is not None and known.survey.end <= size:
+                old = known.survey
+                survey = scanner.survey(old.end, old.nextSeq)
+                _merge(old, survey)
+                survey = old
+            else:
+                survey = scanner.survey(HEADER_SIZE, base)
+            # Remember where counting stopped, not the size: the tail may
+            # be a record still being written.
+            self._known[base] = _Counted(survey, size, sealed)
         finally:
             scanner.close()
-        return records, size
+        return survey.records, size
+
+    def recordsFrom(self, base: int, seq: int) -> int:
+        """
+        @return: how many of the records that L{count} last found in segment
+            C{base} have sequence numbers C{seq} or higher.
+        """
+        known = self._known.get(base)
+        if known is None:
+            return 0
+        return sum(
+            min(count, first + count - seq)
+            for first, count in known.survey.runs
+            if first + count > seq
+        )
 
     def prune(self, bases: List[int]) -> None:
         """
@@ -167,11 +219,27 @@ class SegmentCounter:
             del self._known[base]
 
 
+def _merge(old: Survey, more: Survey) -> None:
+    """
+    Extend C{old} with C{more}, a survey that carried on where it stopped.
+    """
+    runs = more.runs
+    if runs and old.runs and old.runs[-1][0] + old.runs[-1][1] == runs[0][0]:
+        old.runs[-1][1] += runs[0][1]
+        runs = runs[1:]
+    old.runs.extend(runs)
+    old.records += more.records
+    old.nextSeq = more.nextSeq
+    old.end = more.end
+    old.damaged.extend(more.damaged)
+
+
 def backlogAfter(counter: SegmentCounter, position: Optional[Position]) -> Tuple[int, int]:
     """
     @param position: where reading would resume; C{None} for the start.
-    @return: C{(records, bytes)} in the queue after C{position}.  Bytes count
-        framing and any damaged tail too: they measure disk use.
+    @return: C{(records, bytes)} in the queue after C{position}.  Records
+        include markers.  Bytes count framing and any damage too: they
+        measure disk use.
     """
     bases = listSegments(counter.queueDir)
     counter.prune(bases)
@@ -181,7 +249,7 @@ def backlogAfter(counter: SegmentCounter, position: Optional[Position]) -> Tuple
             continue
         n, nbytes = counter.count(base, sealed=i < len(bases) - 1)
         if position is not None and base == position.segment:
-            records += max(0, n - (position.seq - base))
+            records += counter.recordsFrom(base, position.seq)
             size += max(0, nbytes - position.offset)
         else:
             records += n
@@ -226,6 +294,9 @@ class JournalReader:
     Each item comes with the L{Position} just after it; L{commit} that
     position once the item is safely elsewhere, and a reader opened later
     with the same checkpoint name resumes after it.
+
+    @ivar damaged: bytes of damage skipped so far.
+    @ivar damagedRanges: how many damaged ranges they were.
     """
 
     def __init__(self, queueDir: str, checkpointName: Optional[str] = None) -> None:
@@ -247,6 +318,9 @@ class JournalReader:
         self._scanner: Optional[SegmentScanner] = None
         self._headerOK = False
         self._counter = SegmentCounter(queueDir)
+        self._resyncAt: Optional[Tuple[int, int, int]] = None
+        self.damaged = 0
+        self.damagedRanges = 0
 
     def __enter__(self) -> JournalReader:
         return self
@@ -272,6 +346,7 @@ class JournalReader:
         """
         self.close()
         self._position = position
+        self._resyncAt = None
 
     def _openSegment(self) -> bool:
         """
@@ -329,14 +404,31 @@ class JournalReader:
         appends in its place after recovery.  Resuming mid-record would stall
         the reader forever, and resuming at the old offset could skip new
         records, so the caller rereads the segment (at-least-once) instead.
+
+        In format 2 this looks only at the records next to C{position}, so
+        damage elsewhere in the segment does not matter: the record starting
+        there has the expected number, or the one ending there has the
+        number and CRC that the checkpoint remembers.
         """
         if position.offset == HEADER_SIZE:
             return position.seq == position.segment
         if scanner.header() != OK:
             return False
+        if scanner.version == 1:
+            return JournalReader._isRecordBoundaryV1(scanner, position)
+        status, _, _, _, seq = scanner.recordAt(position.offset)
+        if status == OK and seq == position.seq:
+            return True
+        return scanner.recordEndingAt(position.offset) == (position.seq - 1, position.crc)
+
+    @staticmethod
+    def _isRecordBoundaryV1(scanner: SegmentScanner, position: Position) -> bool:
+        """
+        L{_isRecordBoundary} in format 1, which can only walk from the start.
+        """
         offset, records, crc = HEADER_SIZE, 0, 0
         while offset < position.offset:
-            status, _, offset, crc = scanner.recordAt(offset)
+            status, _, offset, crc, _ = scanner.recordAt(offset)
             if status != OK:
                 return False
             records += 1
@@ -352,8 +444,43 @@ class JournalReader:
                 return later
         return None
 
+    def _damage(self, path: str, offset: int, length: int, then: str) -> None:
+        """
+        Log and count a damaged range that reading skips.
+        """
+        self.damaged += length
+        self.damagedRanges += 1
+        log.error(
+            "journal {path}: {length} damaged bytes at offset {offset}, skipped; {then}",
+            path=path,
+            offset=offset,
+            length=length,
+            then=then,
+        )
+
+    def _skipDamage(self, scanner: SegmentScanner, position: Position) -> bool:
+        """
+        At a bad format 2 record: move to the next intact record if there is
+        one.  Where there is none yet, remember how far the search went, so
+        that polling the newest segment does not search the same bytes again.
+
+        @return: whether the position moved.
+        """
+        searchFrom = position.offset + 1
+        cached = self._resyncAt
+        if cached is not None and cached[:2] == (position.segment, position.offset):
+            searchFrom = cached[2]
+        status, at, seq = scanner.resync(searchFrom, position.seq)
+        if status != OK:
+            self._resyncAt = (position.segment, position.offset, at)
+            return False
+        self._resyncAt = None
+        self._damage(scanner.path, position.offset, at - position.offset, "reading on after it")
+        self._position = Position(position.segment, at, seq)
+        return True
+
     def read(
-        self, maxItems: int = 1000, maxBytes: int = 1024 * 1024
+        self, maxItems: int = 1000, maxBytes: int = 1024 * 1024, markers: bool = False
     ) -> List[Tuple[Position, bytes]]:
         """
         Read the next items, without waiting for more.
@@ -361,8 +488,11 @@ class JournalReader:
         @param maxItems: return at most this many.
         @param maxBytes: stop before the payloads would add up to more than
             this, except that one larger item is still returned alone.
+        @param markers: return marker records too, as L{Marker} payloads;
+            otherwise they are skipped (the position still moves past them).
         @return: up to C{maxItems} C{(position after the item, item)}; empty
             when there is nothing more yet.
+        @raise JournalFormatError: on reaching a segment of an unknown format.
         """
         out: List[Tuple[Position, bytes]] = []
         size = 0
@@ -375,15 +505,23 @@ class JournalReader:
                 status = scanner.header()
                 self._headerOK = status == OK
             if self._headerOK:
-                status, payload, end, crc = scanner.recordAt(position.offset)
+                status, payload, end, crc, seq = scanner.recordAt(position.offset, position.seq)
                 if status == OK:
                     assert payload is not None
+                    if seq < 0:  # format 1: numbered by counting
+                        seq = position.seq
+                    later = None
+                    if not markers and type(payload) is Marker:
+                        self._position = Position(position.segment, end, seq + 1, crc)
+                        continue
                     if out and size + len(payload) > maxBytes:
                         break
-                    position = Position(position.segment, end, position.seq + 1, crc)
+                    position = Position(position.segment, end, seq + 1, crc)
                     self._position = position
                     out.append((position, payload))
                     size += len(payload)
+                    continue
+                if status == BAD and scanner.version == 2 and self._skipDamage(scanner, position):
                     later = None
                     continue
             scanner.forget()
@@ -395,15 +533,13 @@ class JournalReader:
                 if later is None:
                     break
                 continue
-            if not (self._headerOK and status == INCOMPLETE and position.offset == scanner.size()):
-                log.warn(
-                    "journal {path}: damaged data at offset {offset}, skipping to segment {later}",
-                    path=scanner.path,
-                    offset=position.offset,
-                    later=later,
-                )
+            # A sealed segment: whatever follows the last intact record is damage.
+            rest = scanner.size() - position.offset
+            if rest > 0:
+                self._damage(scanner.path, position.offset, rest, f"going on with segment {later}")
             self.close()
             self._position = _segmentStart(later)
+            self._resyncAt = None
             later = None
         return out
 
@@ -430,7 +566,7 @@ class JournalReader:
         path = _checkpointPath(self.queueDir, self.checkpointName)
         tmp = path + ".tmp"
         data = json.dumps(position._asdict()).encode("ascii") + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)

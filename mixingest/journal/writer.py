@@ -19,12 +19,23 @@ Appending then continues in that new segment; bytes already in the old
 one are never rewritten, so readers' positions stay valid and readers skip
 any torn tail it was left with.  Records of a failed group that did reach
 the disk whole may still be read: at-least-once, as for remote queues.
+Under C{interval} and C{never}, appends are acknowledged before their
+fsync: when an fsync then fails, the records acknowledged since the last
+good one may be lost, and are counted (C{possiblyLost} in the status).
+
+Recovery, when a queue is first written after a start, tells a torn tail
+from damage in the middle of the newest segment: bytes with no intact
+record after them are what a crash left mid-write and are cut off; damage
+with intact records after it is logged and kept, and appends go on after
+the last intact record.  A newest segment in format 1 is left as it is and
+appends go to a new format 2 segment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Callable, List, Optional, Sequence, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -34,19 +45,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mixingest.errors import QueueUnavailable
 from mixingest.journal.framing import (
-    BAD,
     HEADER,
     HEADER_SIZE,
     INCOMPLETE,
     MAX_PAYLOAD,
+    RECORD_HEADER_SIZE,
+    V1_RECORD_HEADER_SIZE,
+    JournalFormatError,
     SegmentScanner,
+    Survey,
     encodeRecords,
     listSegments,
     segmentPath,
 )
 from mixingest.journal.fsync import FsyncPolicy, defaultSync, syncDirectory
-from mixingest.queues.base import QueueUnavailable
+from mixingest.journal.reader import highestCheckpointSeq
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "RETRY_DELAY", "JournalWriter", "SegmentWriter"]
 
@@ -75,6 +90,9 @@ class SegmentWriter:
     @ivar segments: segment files in the queue directory.
     @ivar bytes: their total size.
     @ivar nextSeq: the sequence number the next record gets.
+    @ivar fsyncs: segment fsyncs attempted.
+    @ivar fsyncFailures: how many of them failed.
+    @ivar lastFsyncSeconds: how long the last one took; C{None} before one.
     """
 
     def __init__(
@@ -101,31 +119,39 @@ class SegmentWriter:
         self.segments = 0
         self.bytes = 0
         self.nextSeq = 0
+        self.fsyncs = 0
+        self.fsyncFailures = 0
+        self.lastFsyncSeconds: Optional[float] = None
 
-    def commit(self, items: Sequence[bytes], sync: bool) -> None:
+    def commit(self, items: Sequence[bytes], sync: bool, markers: bool = True) -> None:
         """
         Append C{items} as records, then fsync if C{sync}.  Opens (and
         recovers) the newest segment first if needed, and rotates to a new
         segment before C{items} would take it past the size limit.
 
         On any error the segment is abandoned (see the module docstring)
-        before the error propagates.
+        before the error propagates, except for a L{JournalFormatError}:
+        that one stays until an operator deals with the segment.
+
+        @param markers: whether C{items} may hold L{Marker}s (see
+            L{encodeRecords}).
         """
         counted = False
         try:
             if self._fd < 0:
                 self._open()
             if items:
-                data = encodeRecords(items)
+                data = encodeRecords(items, self.nextSeq, markers)
                 if self._records and self._size + len(data) > self._segmentSize:
-                    self._rotate()
+                    self._rotate()  # the new segment is named nextSeq
                 self._write(data)
                 self._records += len(items)
                 self.nextSeq += len(items)
                 counted = True
             if sync and self._dirty:
-                self._sync(self._fd)
-                self._dirty = False
+                self._syncNow()
+        except JournalFormatError:
+            raise
         except BaseException:
             self._abandon(0 if counted else len(items))
             raise
@@ -156,7 +182,7 @@ class SegmentWriter:
             self._fresh = False
             return
         try:
-            os.mkdir(self.queueDir)
+            os.mkdir(self.queueDir, 0o700)
         except FileExistsError:
             pass
         else:
@@ -170,35 +196,51 @@ class SegmentWriter:
 
     def _recover(self, base: int) -> None:
         """
-        Reopen the newest segment for appending, cutting off a torn tail: a
-        record that was being written when the process or machine died.
+        Reopen the newest segment for appending, cutting off a torn tail (a
+        record that was being written when the process or machine died) but
+        keeping damage that has intact records after it.
+
+        New records are numbered past the last intact one, past any number
+        that the cut bytes could have held, and past every checkpoint: a
+        power loss can take records that a reader had already returned, and
+        their numbers must not be given to others (a remote that
+        deduplicates by number would drop those).
         """
         path = segmentPath(self.queueDir, base)
         scanner = SegmentScanner(path)
         try:
             size = scanner.size()
-            header = scanner.header()
-            if header == BAD:
-                raise ValueError(f"{path}: not a journal segment (bad header)")
-            if header == INCOMPLETE:
-                records, end, why = 0, 0, INCOMPLETE
+            if scanner.header() == INCOMPLETE:
+                survey = Survey(0, base)
             else:
-                records, end, why = scanner.scan()
+                survey = scanner.survey(HEADER_SIZE, base)
         finally:
             scanner.close()
+        for offset, length in survey.damaged:
+            log.error(
+                "journal {path}: {length} damaged bytes at offset {offset}; the records "
+                "before and after them are kept",
+                path=path,
+                offset=offset,
+                length=length,
+            )
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         self._base = base
-        self._records = records
-        self.nextSeq = base + records
+        self._records = survey.records
+        end = survey.end
+        # The cut bytes may have held records that a reader returned before
+        # they were torn or damaged: skip every number they could have held.
+        smallest = V1_RECORD_HEADER_SIZE + 1 if scanner.version == 1 else RECORD_HEADER_SIZE + 1
+        cut = -(-(size - end) // smallest)
+        self.nextSeq = max(survey.nextSeq + cut, highestCheckpointSeq(self.queueDir))
         if end < size:
             log.warn(
                 "journal {path}: dropping {dropped} bytes of torn data at offset {offset} "
-                "({why}); {records} records kept",
+                "(no intact record after them); {records} records kept",
                 path=path,
                 dropped=size - end,
                 offset=end,
-                why="incomplete record" if why == INCOMPLETE else "bad length or CRC",
-                records=records,
+                records=survey.records,
             )
             os.ftruncate(self._fd, end)
             self.bytes -= size - end
@@ -206,12 +248,17 @@ class SegmentWriter:
         self._size = end
         if end == 0:
             self._write(HEADER)
+        elif scanner.version != 2:
+            # Never append to an older format: readers that opened it know
+            # its version.  A new segment never takes an existing name.
+            self.nextSeq = max(self.nextSeq, base + 1)
+            self._rotate()
 
     def _create(self, base: int) -> None:
         self._fd = os.open(
             segmentPath(self.queueDir, base),
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
-            0o644,
+            0o600,
         )
         self._base = base
         self._size = 0
@@ -224,10 +271,21 @@ class SegmentWriter:
 
     def _rotate(self) -> None:
         if self._dirty and self._policy.syncsEver:
-            self._sync(self._fd)
-            self._dirty = False
+            self._syncNow()
         self.close()
         self._create(self.nextSeq)
+
+    def _syncNow(self) -> None:
+        started = time.perf_counter()
+        self.fsyncs += 1
+        try:
+            self._sync(self._fd)
+        except BaseException:
+            self.fsyncFailures += 1
+            raise
+        finally:
+            self.lastFsyncSeconds = time.perf_counter() - started
+        self._dirty = False
 
     def _write(self, data: bytes | bytearray) -> None:
         done = 0
@@ -323,6 +381,7 @@ class JournalWriter:
         self._clock = clock if clock is not None else cast(IReactorTime, reactor)
         self._policy = policy
         self._items: List[bytes] = []
+        self._markers = False
         self._waiters: List[Deferred[None]] = []
         self._flushers: List[Deferred[None]] = []
         self._busy = False
@@ -333,11 +392,15 @@ class JournalWriter:
         self.healthy = True
         self.lastError: Optional[str] = None
         self.appended = 0
+        self.possiblyLost = 0
+        self._unsynced = 0
 
     def append(self, items: Sequence[bytes]) -> Deferred[None]:
         """
         Append C{items} in order.
 
+        @param items: payloads; a L{Marker} among them is written as a
+            marker record.
         @return: fires with C{None} once the items are stored under the
             policy, or fails with L{QueueUnavailable}; with L{ValueError}
             for an item that is not non-empty C{bytes} of at most
@@ -345,17 +408,18 @@ class JournalWriter:
         """
         if not self.healthy or self._closing:
             return fail(self._unavailable())
+        markers = False
         for item in items:
-            if not isinstance(item, bytes) or not 0 < len(item) <= MAX_PAYLOAD:
-                return fail(
-                    ValueError(
-                        f"journal items must be non-empty bytes of at most {MAX_PAYLOAD}, "
-                        f"not {item!r:.60}"
-                    )
-                )
+            if type(item) is not bytes:
+                markers = True
+                if not isinstance(item, bytes):
+                    return fail(_badItem(item))
+            if not 0 < len(item) <= MAX_PAYLOAD:
+                return fail(_badItem(item))
         if not items:
             return succeed(None)
         self._items += items
+        self._markers = self._markers or markers
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
         if not self._busy:
@@ -398,13 +462,24 @@ class JournalWriter:
         return flushed.addBoth(closeFile)
 
     def status(self) -> dict[str, object]:
+        """
+        A JSON-able snapshot.  C{unsynced}: acknowledged records not yet
+        fsynced; C{possiblyLost}: acknowledged records that a failed fsync
+        may have lost; C{fsyncs} counts attempts, failed ones included.
+        """
+        files = self.files
         return {
             "healthy": self.healthy,
-            "segments": self.files.segments,
-            "bytes": self.files.bytes,
+            "segments": files.segments,
+            "bytes": files.bytes,
             "appended": self.appended,
             "pending": len(self._items),
             "lastError": self.lastError,
+            "unsynced": self._unsynced,
+            "possiblyLost": self.possiblyLost,
+            "fsyncs": files.fsyncs,
+            "fsyncFailures": files.fsyncFailures,
+            "lastFsyncSeconds": files.lastFsyncSeconds,
         }
 
     def _unavailable(self) -> QueueUnavailable:
@@ -418,15 +493,16 @@ class JournalWriter:
         """
         items, waiters, flushers = self._items, self._waiters, self._flushers
         self._items, self._waiters, self._flushers = [], [], []
+        markers, self._markers = self._markers, False
         sync = self._syncDue or self._policy.syncsEveryAppend
         self._syncDue = False
         self._busy = True
-        d = deferToThreadPool(self._reactor, self._pool, self.files.commit, items, sync)
+        d = deferToThreadPool(self._reactor, self._pool, self.files.commit, items, sync, markers)
         d.addCallbacks(
             self._committed,
             self._failed,
             callbackArgs=(len(items), sync, waiters, flushers),
-            errbackArgs=(waiters, flushers),
+            errbackArgs=(waiters, flushers, self.files.fsyncFailures),
         )
 
     def _committed(
@@ -439,6 +515,8 @@ class JournalWriter:
     ) -> None:
         self._busy = False
         self.appended += count
+        # A group that asked for an fsync made everything before it durable.
+        self._unsynced = 0 if synced else self._unsynced + count
         if not self.healthy:
             self.healthy = True
             log.info("journal queue {queue}: writable again", queue=self.queue)
@@ -460,10 +538,23 @@ class JournalWriter:
         failure: Failure,
         waiters: List[Deferred[None]],
         flushers: List[Deferred[None]],
+        fsyncFailuresBefore: int,
     ) -> None:
         self._busy = False
         self.healthy = False
         message = f"{failure.value.__class__.__name__}: {failure.value}"
+        if self.files.fsyncFailures > fsyncFailuresBefore and self._unsynced:
+            # After a failed fsync the kernel may have dropped those pages.
+            self.possiblyLost += self._unsynced
+            log.error(
+                "journal queue {queue}: {count} acknowledged records may be lost: "
+                "fsync failed: {error}",
+                queue=self.queue,
+                count=self._unsynced,
+                error=message,
+            )
+        # The segment is abandoned either way: nothing will fsync it again.
+        self._unsynced = 0
         if message != self.lastError:
             log.failure(
                 "journal queue {queue}: write failed; refusing appends until a retry works",
@@ -502,3 +593,9 @@ class JournalWriter:
         """
         self._retryCall = None
         self._syncSoon()
+
+
+def _badItem(item: object) -> ValueError:
+    return ValueError(
+        f"journal items must be non-empty bytes of at most {MAX_PAYLOAD}, not {item!r:.60}"
+    )

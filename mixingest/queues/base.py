@@ -11,36 +11,11 @@ acknowledged (a remote queue may still hold some of it: at-least-once).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-__all__ = [
-    "QUEUE_NAME",
-    "EventQueue",
-    "QueueUnavailable",
-    "validQueueName",
-]
-
-QUEUE_NAME = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
-"""
-Queue names that every backend can carry: Kestrel forbids C{/ ~ + .}, the
-journal uses the name as a directory, Redis takes anything.
-"""
-
-
-def validQueueName(name: str) -> bool:
-    return QUEUE_NAME.match(name) is not None
-
-
-class QueueUnavailable(Exception):
-    """
-    The backend could not store the batch now (down, timed out, refused, full).
-
-    Distinct from a bug: the funnel answers 503 with C{Retry-After} and the
-    store-and-forward layer diverts the batch to the journal.
-    """
+__all__ = ["EventQueue", "ResolvableQueue"]
 
 
 @runtime_checkable
@@ -58,8 +33,9 @@ class EventQueue(Protocol):
         """
         Store C{items} at the tail of C{queue}, in order.
 
-        @return: fires with C{None} once all are durably stored, or fails with
-            L{QueueUnavailable} (or another exception) when they are not.
+        @return: fires with C{None} once all are durably stored, or fails
+            with L{mixingest.errors.QueueUnavailable} (or another exception)
+            when they are not.
         """
 
     def ready(self) -> bool:
@@ -70,4 +46,31 @@ class EventQueue(Protocol):
     def status(self) -> Mapping[str, Any]:
         """
         A JSON-able snapshot for C{/stats} and logs: health, backlog, servers.
+        """
+
+
+@runtime_checkable
+class ResolvableQueue(EventQueue, Protocol):
+    """
+    A remote queue that stores each batch at most once, so that
+    store-and-forward can make delivery exactly once (Redis, with its Lua
+    script).  A remote without it (Kestrel) is forwarded to with plain
+    C{put}: at-least-once.
+    """
+
+    def putJournaled(
+        self, queue: str, items: Sequence[bytes], source: str, seqs: Sequence[int]
+    ) -> Deferred[None]:
+        """
+        Store C{items}, read from journal C{source} where they have the
+        increasing sequence numbers C{seqs}, skipping any item that an
+        earlier C{putJournaled} from C{source} to C{queue} already stored: a
+        batch resent after a crash or a timeout is stored once.
+        """
+
+    def resolve(self, queue: str, marker: bytes) -> Deferred[bool]:
+        """
+        Settle an L{InDoubt<mixingest.errors.InDoubt>} put: C{True} if it was stored, C{False} if it
+        was not, in which case it is fenced off and never will be, however
+        late it reaches the server.
         """

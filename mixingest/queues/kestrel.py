@@ -47,7 +47,8 @@ from twisted.protocols.memcache import MemCacheProtocol, ServerError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mixingest.queues.base import QueueUnavailable, validQueueName
+from mixingest.errors import QueueUnavailable
+from mixingest.naming import validQueueName
 
 __all__ = ["DEFAULT_PORT", "KestrelQueue"]
 

@@ -3,11 +3,16 @@
 The C{--queue} option: a URL naming where events go.
 
   - C{journal} or empty: the local journal only;
-  - C{redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]}: Redis lists (port 6379,
-    database 0 by default);
-  - C{redis+unix:///path/to.sock[?db=N]}: the same over a UNIX socket;
+  - C{redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS]}: Redis lists
+    (port 6379, database 0 by default);
+  - C{redis+unix:///path/to.sock[?db=N][&OPTIONS]}: the same over a UNIX socket;
   - C{kestrel://HOST[:PORT][,HOST[:PORT]...]}: a Kestrel cluster (port
     22133 by default).
+
+Redis options: C{timeout=SECONDS} (the write timeout), C{ttl=SECONDS} (how
+long a producer's high-water mark outlives its last write), C{replicas=N}
+(C{WAIT} for N replicas after each write) and C{wait=aof} (C{WAITAOF}: each
+write fsynced to the primary's append-only file, Redis 7.2 or later).
 
 A remote queue is always wrapped in store-and-forward over the journal, so
 an outage of the remote delays events but never loses or refuses them.
@@ -18,6 +23,7 @@ a usage error before anything starts.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Union
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,10 +32,10 @@ import attrs
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 
 from mixingest.queues.base import EventQueue
-from mixingest.queues.forwarding import ForwardingQueue, Journal
+from mixingest.queues.forwarding import ForwardingQueue, Spool
 from mixingest.queues.kestrel import DEFAULT_PORT as KESTREL_PORT
 from mixingest.queues.kestrel import KestrelQueue
-from mixingest.queues.redis import RedisQueue
+from mixingest.queues.redis import DEFAULT_MARK_TTL, RedisQueue
 
 __all__ = [
     "JournalTarget",
@@ -63,6 +69,11 @@ class RedisTarget:
     db: int = 0
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
+    timeout: float | None = None
+    """The write timeout in seconds, or C{None} for L{makeQueue}'s."""
+    ttl: int = DEFAULT_MARK_TTL
+    replicas: int = 0
+    waitAOF: bool = False
 
     @property
     def address(self) -> str:
@@ -158,10 +169,14 @@ def _parseRedis(url: str, text: str, unix: bool) -> RedisTarget:
     if parts.fragment:
         raise ValueError(f"--queue {url!r}: unexpected fragment #{parts.fragment}")
     query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
-    allowed = {"db"} if unix else set()
+    allowed = _REDIS_OPTIONS | {"db"} if unix else _REDIS_OPTIONS
     unknown = set(query) - allowed
     if unknown:
         raise ValueError(f"--queue {url!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    for name, values in query.items():
+        if len(values) != 1:
+            raise ValueError(f"--queue {url!r}: {name} given more than once")
+    options = _redisOptions(url, {name: values[0] for name, values in query.items()})
     userinfo, at, hostport = parts.netloc.rpartition("@")
     username = password = None
     if at:
@@ -178,20 +193,54 @@ def _parseRedis(url: str, text: str, unix: bool) -> RedisTarget:
         path = unquote(parts.path)
         if not path.startswith("/") or path == "/":
             raise ValueError(f"--queue {url!r}: missing the absolute path of the socket")
-        dbs = query.get("db", ["0"])
-        if len(dbs) != 1:
-            raise ValueError(f"--queue {url!r}: db given more than once")
-        return RedisTarget(path=path, db=_db(url, dbs[0]), username=username, password=password)
+        db = _db(url, query.get("db", ["0"])[0])
+        return RedisTarget(path=path, db=db, username=username, password=password, **options)
     host, port = _hostPort(url, hostport, REDIS_PORT)
     dbText = parts.path.strip("/") or "0"
     return RedisTarget(
-        host=host, port=port, db=_db(url, dbText), username=username, password=password
+        host=host, port=port, db=_db(url, dbText), username=username, password=password, **options
     )
+
+
+_REDIS_OPTIONS = {"timeout", "ttl", "replicas", "wait"}
+
+
+def _redisOptions(url: str, query: dict[str, str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if "timeout" in query:
+        try:
+            timeout = float(query["timeout"])
+        except ValueError:
+            timeout = math.nan
+        if not 0 < timeout <= 3600:
+            raise ValueError(
+                f"--queue {url!r}: timeout must be a number of seconds above 0 and at most "
+                f"3600, not {query['timeout']!r}"
+            )
+        options["timeout"] = timeout
+    if "ttl" in query:
+        if not query["ttl"].isdigit() or int(query["ttl"]) < 1:
+            raise ValueError(
+                f"--queue {url!r}: ttl must be a whole number of seconds, at least 1, "
+                f"not {query['ttl']!r}"
+            )
+        options["ttl"] = int(query["ttl"])
+    if "replicas" in query:
+        if not query["replicas"].isdigit():
+            raise ValueError(
+                f"--queue {url!r}: replicas must be a whole number, not {query['replicas']!r}"
+            )
+        options["replicas"] = int(query["replicas"])
+    if "wait" in query:
+        if query["wait"] != "aof":
+            raise ValueError(f"--queue {url!r}: wait must be 'aof', not {query['wait']!r}")
+        options["waitAOF"] = True
+    return options
 
 
 def makeQueue(
     target: QueueTarget,
-    journal: Journal,
+    journal: Spool,
     reactor: Any,
     *,
     redisPrefix: str = "",
@@ -218,7 +267,10 @@ def makeQueue(
             username=target.username,
             password=target.password,
             prefix=redisPrefix,
-            writeTimeout=writeTimeout,
+            writeTimeout=writeTimeout if target.timeout is None else target.timeout,
+            markTTL=target.ttl,
+            replicas=target.replicas,
+            waitAOF=target.waitAOF,
         )
     else:
         if redisPrefix:

@@ -36,7 +36,7 @@ from twisted.internet.testing import StringTransport
 
 from mixingest.api import IngestAPI
 from mixingest.funnel import Funnel
-from mixingest.metrics import MeteredSite, Metrics
+from mixingest.metrics import Metrics, PublicSite
 
 CONNECTIONS = 50
 GROUP = 20
@@ -127,7 +127,7 @@ def main() -> None:
     metrics = Metrics()
     funnel = Funnel(queue, reactor, metrics=metrics)  # type: ignore[arg-type]
     api = IngestAPI(funnel, reactor, maxBody=10 * 1024 * 1024)
-    site = MeteredSite(api.resource(), metrics=metrics, clock=reactor)
+    site = PublicSite(api.resource(), metrics=metrics, clock=reactor)
     run(floorSite, None, warmup)
     run(site, queue, warmup)
     getattr(gc, "freeze", lambda: None)()

@@ -35,13 +35,13 @@ def _freeze() -> None:
 def _postform() -> None:
     import mixingest.httpsite as httpsite
 
-    init = httpsite.IngestSite.__init__
+    init = httpsite.HardenedSite.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         self._parsePOSTFormSubmission = True
 
-    httpsite.IngestSite.__init__ = __init__  # type: ignore[method-assign]
+    httpsite.HardenedSite.__init__ = __init__  # type: ignore[method-assign]
 
 
 def _request() -> None:

@@ -1,0 +1,90 @@
+"""
+Tests for secrets kept out of the process list: the Redis password from a
+file or the environment, and the warning for a file others may read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python import usage
+
+from mixingest.options import Options
+from mixingest.queues.urls import JournalTarget, RedisTarget
+from mixingest.secretfiles import REDIS_PASSWORD_ENV, readSecretFile
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+@pytest.fixture(autouse=True)
+def noPasswordInEnvironment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
+
+
+def test_passwordFromFile(tmp_path: Path) -> None:
+    secret = tmp_path / "redis.pass"
+    secret.write_text("s3cret:with@chars\n")
+    secret.chmod(0o600)
+    options = parse("--queue", "redis://127.0.0.1:6380/2", "--redis-password-file", str(secret))
+    target = options["queue"]
+    assert isinstance(target, RedisTarget)
+    assert (target.host, target.port, target.db) == ("127.0.0.1", 6380, 2)
+    assert target.password == "s3cret:with@chars"
+    assert "s3cret" not in repr(target)
+
+
+def test_passwordFromEnvironment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(REDIS_PASSWORD_ENV, "from-env")
+    target = parse("--queue", "redis+unix:///run/redis.sock")["queue"]
+    assert isinstance(target, RedisTarget) and target.password == "from-env"
+    # The variable is ignored by a daemon that does not use Redis.
+    assert isinstance(parse()["queue"], JournalTarget)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--queue", "redis://:inline@h/0"], "given twice"),
+        (["--queue", "kestrel://h"], "redis:// queue only"),
+    ],
+)
+def test_passwordErrors(tmp_path: Path, args: list, message: str) -> None:
+    secret = tmp_path / "redis.pass"
+    secret.write_text("pw")
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*args, "--redis-password-file", str(secret))
+
+
+def test_badPasswordFile(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(usage.UsageError, match="is empty"):
+        parse("--queue", "redis://h", "--redis-password-file", str(empty))
+    with pytest.raises(usage.UsageError, match="cannot read"):
+        parse("--queue", "redis://h", "--redis-password-file", str(tmp_path / "missing"))
+
+
+def test_warnsWhenOthersMayRead(tmp_path: Path) -> None:
+    secret = tmp_path / "redis.pass"
+    secret.write_text("pw")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        secret.chmod(0o600)
+        assert readSecretFile(str(secret), "Redis password") == "pw"
+        assert not events
+        secret.chmod(0o644)
+        readSecretFile(str(secret), "Redis password")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (warning,) = events
+    assert warning["log_level"] == LogLevel.warn
+    assert "chmod 600" in warning["log_format"]
+    assert os.stat(secret).st_mode & 0o044
