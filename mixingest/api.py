@@ -35,6 +35,7 @@ from mixingest.auth import ImportSecrets
 from mixingest.cleaning import Cleaned, Context, clean
 from mixingest.clientip import ClientAddress
 from mixingest.decoding import Decoded, decodeRequest, maxValuesFor, parseParams
+from mixingest.defaults import DEFAULT_MAX_BATCH
 from mixingest.errors import (
     BadAnswerParameter,
     BodyTooLarge,
@@ -47,9 +48,8 @@ from mixingest.errors import (
 from mixingest.funnel import Funnel
 from mixingest.tokens import TokenList
 
-__all__ = ["DEFAULT_MAX_BATCH", "UNKNOWN_TOKEN", "IngestAPI"]
+__all__ = ["UNKNOWN_TOKEN", "IngestAPI"]
 
-DEFAULT_MAX_BATCH = 2000
 QUEUE_RETRY_AFTER = 5
 BUDGET_RETRY_AFTER = 1
 UNKNOWN_TOKEN = "not a project token this server accepts"

@@ -17,19 +17,10 @@ from __future__ import annotations
 
 from typing import Collection, Dict, Tuple
 
-__all__ = ["DEFAULT_DEDUPE_SIZE", "DEFAULT_DEDUPE_TTL", "Key", "RecentInsertIds"]
+from mixingest.defaults import DEFAULT_DEDUPE_SIZE, DEFAULT_DEDUPE_TTL
 
-DEFAULT_DEDUPE_SIZE = 100_000
-"""
-Pairs remembered at most: about 250 bytes each with a UUID-sized
-C{$insert_id}, so some 25 MB.  Retries are caught for C{ttl} or for the
-next C{maxSize / 2} events with an C{$insert_id}, whichever is shorter.
-"""
+__all__ = ["Key", "RecentInsertIds"]
 
-DEFAULT_DEDUPE_TTL = 600.0
-"""
-Seconds a pair is remembered: longer than any SDK's retry schedule.
-"""
 
 Key = Tuple[str, str]
 

@@ -48,14 +48,32 @@ DEFAULT_HEADER_TIMEOUT = 10
 DEFAULT_BODY_TIMEOUT = 30
 """Seconds from the end of a request's headers to the end of its body."""
 DEFAULT_MAX_IN_FLIGHT = 50_000
-"""Events waiting to be stored, past which requests get 503."""
+"""
+Events handed to the queue and not yet stored, past which requests are
+refused: at a few hundred bytes each plus the requests holding them, some
+tens of MB.
+"""
 DEFAULT_MAX_BACKLOG = 10_000_000
-"""Events in the journal waiting for the remote queue, past which requests get 503."""
+"""
+Events waiting in the journal for the remote queue, past which requests are
+refused: the disk is the limit, and a remote that far behind needs an
+operator more than more events.
+"""
 DEFAULT_DEDUPE_SIZE = 100_000
-"""(token, $insert_id) pairs remembered."""
+"""
+(token, $insert_id) pairs remembered at most: about 250 bytes each with a
+UUID-sized C{$insert_id}, so some 25 MB.  Retries are caught for the TTL or
+for the next C{size / 2} events with an C{$insert_id}, whichever is shorter.
+"""
 DEFAULT_DEDUPE_TTL = 600.0
-"""Seconds a stored (token, $insert_id) pair is remembered."""
+"""
+Seconds a stored (token, $insert_id) pair is remembered: longer than any
+SDK's retry schedule.
+"""
 DEFAULT_MAX_TOKENS = 1000
-"""Project tokens tracked for counters and rate limits."""
+"""Project tokens tracked for counters and rate limits; each costs about 1 KB."""
 DEFAULT_SHUTDOWN_GRACE = 5.0
-"""Seconds the daemon keeps serving after C{SIGTERM} with C{/readyz} at 503."""
+"""
+Seconds the daemon keeps serving after C{SIGTERM} with C{/readyz} at 503:
+long enough for a load balancer checking every 2 s to see two failures.
+"""

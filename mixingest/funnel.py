@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from mixingest.cleaning import CleanItem
 from mixingest.dedupe import Key, RecentInsertIds
+from mixingest.defaults import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_IN_FLIGHT
 from mixingest.errors import Overloaded, RequestRefused
 from mixingest.metrics import FunnelCollector, Metrics
 from mixingest.queues.base import EventQueue
@@ -39,8 +40,6 @@ from mixingest.ratelimit import RateLimiter
 from mixingest.windows import TokenCounters
 
 __all__ = [
-    "DEFAULT_MAX_BACKLOG",
-    "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_QUEUES",
     "Funnel",
     "backlogOf",
@@ -59,19 +58,6 @@ Endpoints whose events follow C{--route TOKEN=QUEUE}; profile and group
 updates keep their own queues.
 """
 
-DEFAULT_MAX_IN_FLIGHT = 50_000
-"""
-Events handed to the queue and not yet stored, past which requests are
-refused: at a few hundred bytes each plus the requests holding them, some
-tens of MB.
-"""
-
-DEFAULT_MAX_BACKLOG = 10_000_000
-"""
-Events waiting in the journal for the remote queue, past which requests are
-refused: the disk is the limit, and a remote that far behind needs an
-operator more than more events.
-"""
 
 BACKLOG_POLL_INTERVAL = 1.0
 """

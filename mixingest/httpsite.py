@@ -45,14 +45,15 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as serverVersion
 
 from mixingest.budget import BodyBudget
-from mixingest.defaults import DEFAULT_MAX_CONNECTIONS
+from mixingest.defaults import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS,
+)
 
 __all__ = [
-    "DEFAULT_BODY_TIMEOUT",
-    "DEFAULT_HEADER_TIMEOUT",
-    "DEFAULT_IDLE_TIMEOUT",
-    "DEFAULT_MAX_BODY",
-    "DEFAULT_MAX_CONNECTIONS",
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
     "HardenedSite",
@@ -60,20 +61,6 @@ __all__ = [
     "IngestRequest",
 ]
 
-DEFAULT_MAX_BODY = 10 * 1024 * 1024
-DEFAULT_IDLE_TIMEOUT = 60
-"""
-Seconds a keep-alive connection may sit idle between requests.
-"""
-DEFAULT_HEADER_TIMEOUT = 10
-"""
-Seconds from a request's first byte (or a new connection) to the end of its
-headers.
-"""
-DEFAULT_BODY_TIMEOUT = 30
-"""
-Seconds from the end of a request's headers to the end of its body.
-"""
 MAX_HEAD_BYTES = 16 * 1024
 """
 Largest request line, and largest request line plus headers, in bytes.

@@ -17,13 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["DEFAULT_SHUTDOWN_GRACE", "OrderedMultiService", "ShutdownGrace"]
-
-DEFAULT_SHUTDOWN_GRACE = 5.0
-"""
-Seconds the daemon keeps serving after C{SIGTERM} with C{/readyz} at 503:
-long enough for a load balancer checking every 2 s to see two failures.
-"""
+__all__ = ["OrderedMultiService", "ShutdownGrace"]
 
 
 class OrderedMultiService(MultiService):

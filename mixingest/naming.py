@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["QUEUE_NAME", "validQueueName"]
+__all__ = ["QUEUE_NAME", "WORKER_DIRECTORY", "validQueueName"]
 
 QUEUE_NAME = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 """
@@ -18,5 +18,12 @@ journal uses the name as a directory, Redis takes anything.
 """
 
 
+WORKER_DIRECTORY = re.compile(r"\Aworker-(\d+)\Z")
+"""
+The name of worker K's journal directory under C{DATA_DIR} (C{--workers N}):
+never a queue's, so that no queue is mistaken for a worker's journal.
+"""
+
+
 def validQueueName(name: str) -> bool:
-    return QUEUE_NAME.match(name) is not None
+    return QUEUE_NAME.match(name) is not None and WORKER_DIRECTORY.match(name) is None

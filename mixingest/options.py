@@ -31,9 +31,9 @@ from mixingest.defaults import (
     DEFAULT_SHUTDOWN_GRACE,
 )
 from mixingest.journal.fsync import FsyncPolicy
-from mixingest.naming import validQueueName
+from mixingest.naming import WORKER_DIRECTORY, validQueueName
 from mixingest.secretfiles import REDIS_PASSWORD_ENV, readSecretFile
-from mixingest.workers import WORKER_DIRECTORY, checkWorkerOptions
+from mixingest.workers import checkWorkerOptions
 
 __all__ = ["Options"]
 
@@ -309,13 +309,13 @@ class Options(usage.Options):
         'events' (repeatable).
         """
         token, sep, queue = rule.partition("=")
-        if not sep or not token or not validQueueName(queue):
-            raise usage.UsageError(
-                f"--route takes TOKEN=QUEUE with a queue name of letters, digits, _ and -: {rule!r}"
-            )
         if WORKER_DIRECTORY.match(queue):
             raise usage.UsageError(
                 f"--route: {queue!r} is the name of a --workers journal directory, not a queue"
+            )
+        if not sep or not token or not validQueueName(queue):
+            raise usage.UsageError(
+                f"--route takes TOKEN=QUEUE with a queue name of letters, digits, _ and -: {rule!r}"
             )
         self["route"][token] = queue
 

@@ -38,8 +38,8 @@ from twisted.logger import Logger
 
 from mixingest.journal import Journal, JournalLocked
 from mixingest.journal.reader import listQueues
+from mixingest.naming import WORKER_DIRECTORY
 from mixingest.queues.urls import JournalTarget, makeQueue
-from mixingest.workers import WORKER_DIRECTORY
 
 __all__ = ["OrphanJournals", "forwarded", "makeOrphanService", "orphanDirectories"]
 

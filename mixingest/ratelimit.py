@@ -26,8 +26,8 @@ import math
 from collections import OrderedDict
 from typing import Iterable, List, Optional, Tuple
 
+from mixingest.defaults import DEFAULT_MAX_TOKENS
 from mixingest.errors import RateLimited
-from mixingest.windows import DEFAULT_MAX_TOKENS
 
 __all__ = ["RateLimiter"]
 

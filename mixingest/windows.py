@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict
 
-__all__ = ["BUCKET", "DEFAULT_MAX_TOKENS", "SLOTS", "WINDOWS", "TokenCounters"]
+from mixingest.defaults import DEFAULT_MAX_TOKENS
+
+__all__ = ["BUCKET", "SLOTS", "WINDOWS", "TokenCounters"]
 
 BUCKET = 10
 """Seconds per bucket: the windows' resolution."""
@@ -28,10 +30,6 @@ WINDOWS = {"1m": 6, "5m": 30}
 
 SLOTS = max(WINDOWS.values())
 
-DEFAULT_MAX_TOKENS = 1000
-"""
-Tokens tracked at most; each costs about 1 KB.
-"""
 
 FIELDS = ("events", "bytes", "rejects")
 

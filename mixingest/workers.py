@@ -78,7 +78,6 @@ from zope.interface import implementer
 
 __all__ = [
     "FDS_ENV",
-    "WORKER_DIRECTORY",
     "AdoptedListener",
     "WorkerSupervisor",
     "checkWorkerOptions",
@@ -114,11 +113,6 @@ Seconds past C{--drain-timeout} that the parent waits for draining workers
 before it kills them.
 """
 PR_SET_PDEATHSIG = 1
-WORKER_DIRECTORY = re.compile(r"\Aworker-(\d+)\Z")
-"""
-The name of worker K's journal directory under C{DATA_DIR}; C{--route}
-refuses queue names of this form, so that no queue is mistaken for one.
-"""
 _TIMESTAMP = re.compile(r"\A\d{4}-\d\d-\d\dT\S+ ")
 """
 The timestamp twistd starts a worker's log lines with: the parent adds its own.

@@ -15,7 +15,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 
-from mixingest import admin, api, dedupe, defaults, funnel, httpsite, lifecycle, windows
 from mixingest.admin import AdminService, AdminSite
 from mixingest.metrics import PublicSite
 from mixingest.options import Options
@@ -46,31 +45,6 @@ def test_optionsImportNoDaemon() -> None:
 
     assert imported("mixingest.options") == ""
     assert imported("mixingest.tap") == " ".join(HEAVY)
-
-
-@pytest.mark.parametrize(
-    "module, name",
-    [
-        (admin, "DEFAULT_ADMIN_LISTEN"),
-        (api, "DEFAULT_MAX_BATCH"),
-        (dedupe, "DEFAULT_DEDUPE_SIZE"),
-        (dedupe, "DEFAULT_DEDUPE_TTL"),
-        (funnel, "DEFAULT_MAX_BACKLOG"),
-        (funnel, "DEFAULT_MAX_IN_FLIGHT"),
-        (httpsite, "DEFAULT_BODY_TIMEOUT"),
-        (httpsite, "DEFAULT_HEADER_TIMEOUT"),
-        (httpsite, "DEFAULT_IDLE_TIMEOUT"),
-        (httpsite, "DEFAULT_MAX_BODY"),
-        (lifecycle, "DEFAULT_SHUTDOWN_GRACE"),
-        (windows, "DEFAULT_MAX_TOKENS"),
-    ],
-)
-def test_defaultsAgree(module: object, name: str) -> None:
-    """
-    The command line's default is the one the module uses when it is built
-    without the command line.
-    """
-    assert getattr(module, name) == getattr(defaults, name)
 
 
 def test_listenersNamedForWhatTheyServe(tmp_path: Path) -> None:
