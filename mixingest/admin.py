@@ -12,16 +12,21 @@ read per-project figures or make the daemon look unready.
   - C{/stats}: the funnel's L{status<mixingest.funnel.Funnel.status>} as
     JSON.
   - C{/metrics}: Prometheus exposition of the daemon's registry.
+  - C{/live}: the live view's page, which reads C{/live/stream}, the
+    records accepted, deduplicated and refused as Server-Sent Events (see
+    L{mixingest.live}).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from importlib.resources import files
+from typing import Any, Optional
 
 from klein import Klein
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -29,6 +34,7 @@ from twisted.web.resource import IResource
 from mixingest.defaults import DEFAULT_ADMIN_LISTEN
 from mixingest.funnel import Funnel
 from mixingest.httpsite import HardenedSite
+from mixingest.live import LiveStream
 
 __all__ = ["DEFAULT_ADMIN_LISTEN", "AdminAPI", "AdminService", "AdminSite"]
 
@@ -45,6 +51,7 @@ class AdminAPI:
 
     def __init__(self, funnel: Funnel) -> None:
         self.funnel = funnel
+        self._page: Optional[bytes] = None
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -84,6 +91,24 @@ class AdminAPI:
         request.setHeader(b"cache-control", b"no-store")
         return body
 
+    @app.route("/live", methods=["GET", "HEAD"])
+    def live(self, request: IRequest) -> bytes:
+        if self._page is None:
+            self._page = files("mixingest").joinpath("static/live.html").read_bytes()
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            b"connect-src 'self'; img-src data:",
+        )
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return self._page
+
+    @app.route("/live/stream", methods=["GET"])
+    def liveStream(self, request: IRequest) -> IResource:
+        return LiveStream(self.funnel.live)
+
 
 def _answer(request: IRequest, code: int, document: Any) -> bytes:
     request.setResponseCode(code)
@@ -111,7 +136,16 @@ class AdminService(MultiService):
         @param description: the endpoint string to listen on.
         """
         super().__init__()
+        self.funnel = funnel
         site = AdminSite(AdminAPI(funnel).resource(), maxBody=ADMIN_MAX_BODY, reactor=reactor)
         listener = StreamServerEndpointService(serverFromString(reactor, description), site)
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Close the live viewers' streams too: they would otherwise outlive
+        the listener and hold the process.
+        """
+        self.funnel.live.stop()
+        return super().stopService()

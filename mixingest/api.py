@@ -10,7 +10,7 @@ reason, never a traceback; a bad record never costs the good ones beside it.
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -32,7 +32,7 @@ from mixingest.answers import (
     setCommonHeaders,
 )
 from mixingest.auth import ImportSecrets
-from mixingest.cleaning import Cleaned, Context, clean
+from mixingest.cleaning import Cleaned, CleanItem, Context, clean
 from mixingest.clientip import ClientAddress
 from mixingest.decoding import Decoded, decodeRequest, maxValuesFor, parseParams
 from mixingest.defaults import DEFAULT_MAX_BATCH
@@ -46,6 +46,8 @@ from mixingest.errors import (
     Unauthorized,
 )
 from mixingest.funnel import Funnel
+from mixingest.geoip import Geolocator
+from mixingest.live import reasonOf, tokenOf
 from mixingest.tokens import TokenList
 
 __all__ = ["UNKNOWN_TOKEN", "IngestAPI"]
@@ -65,6 +67,17 @@ _TOKEN_FIELDS = {
 _METHODS = ["GET", "POST", "OPTIONS"]
 _ROUTE = "/<any(track, engage, groups, import):kind>"
 _JSON_TYPES = (b"application/json", b"application/x-ndjson", b"application/x-json-stream")
+_IMPORT_REASONS = {
+    "event": "import_event",
+    "properties.time": "import_time",
+    "properties.distinct_id": "import_distinct_id",
+    "properties.$insert_id": "import_insert_id",
+    "properties.token": "import_token",
+}
+"""
+The refusal counter of each field that C{/import} with C{strict=0} drops a
+record for; any other field counts as C{import_invalid}.
+"""
 
 
 class IngestAPI:
@@ -85,12 +98,14 @@ class IngestAPI:
         clientAddress: Optional[ClientAddress] = None,
         tokens: Optional[TokenList] = None,
         redirectHosts: Iterable[str] = (),
+        geo: Optional[Geolocator] = None,
     ) -> None:
         """
         @param tokens: the project tokens accepted (C{--tokens}), or L{None}
             for any.
         @param redirectHosts: the hosts C{redirect=} may send a browser to
             (C{--redirect-allow}); none by default.
+        @param geo: geolocation and IP privacy (C{--geoip}), or L{None}.
         """
         self.funnel = funnel
         self.clock = clock
@@ -101,6 +116,7 @@ class IngestAPI:
         self.clientAddress = clientAddress or ClientAddress()
         self.tokens = tokens
         self.redirectHosts = frozenset(host.lower() for host in redirectHosts)
+        self.geo = geo
 
     def resource(self) -> IResource:
         # Klein's own resource leaves every request in a reference cycle,
@@ -131,15 +147,21 @@ class IngestAPI:
                 if self.secrets is None:
                     raise Unauthorized("/import is not enabled: start with --import-secrets")
                 tokens = self.secrets.tokensFor(request, decoded.params)
-            cleaned = self._clean(request, kind, decoded, tokens)
+            cleaned = self._clean(request, kind, decoded, tokens, modern)
         except RequestRefused as refusal:
             # The style from the body too: the Python SDK posts verbose=1.
             # An unsafe callback or redirect in the query is the refusal,
             # whatever else was wrong (no data, say).
             if style is None:
                 refusal = _badAnswerParameter(request, self.redirectHosts) or refusal
-            return self._refuse(request, refusal, modern, style)
+            return self._refuse(request, refusal, modern, style, kind)
         total = len(decoded.items)
+        if cleaned.failures and self.funnel.live.active:
+            self._showInvalid(kind, 400 if modern else 200, decoded, cleaned)
+        if modern and decoded.params.get("strict") == "0":
+            cleaned = self._dropInvalid(cleaned)
+            if not cleaned.items:
+                return importAnswer(request, 200, None, 0)
         if not cleaned.items:
             error = describeFailures(cleaned.failures, total) if total else "data has no records"
             if modern:
@@ -148,13 +170,13 @@ class IngestAPI:
         try:
             stored = self.funnel.store(kind, cleaned.items)
         except RequestRefused as refusal:
-            return self._refuse(request, refusal, modern, style)
+            return self._refuse(request, refusal, modern, style, kind, cleaned.items)
         answered: Deferred[bytes] = Deferred()
         stored.addCallbacks(
             self._stored,
             self._notStored,
             callbackArgs=(request, style, modern, cleaned, total),
-            errbackArgs=(request, style, modern),
+            errbackArgs=(request, style, modern, kind, cleaned.items),
         ).chainDeferred(answered)
         return answered
 
@@ -187,6 +209,7 @@ class IngestAPI:
         endpoint: str,
         decoded: Decoded,
         tokens: Optional[FrozenSet[str]],
+        modern: bool,
     ) -> Cleaned:
         records = decoded.items
         if len(records) > self.maxBatch:
@@ -195,10 +218,15 @@ class IngestAPI:
             )
         wantsIP = decoded.params.get("ip")
         if wantsIP is None:
-            wantsIP = "1" if endpoint == "engage" else "0"
+            # With --geoip, /track geolocates the request's address unless
+            # ip=0, as Mixpanel does; /import's requests come from servers,
+            # so only the events' own ip properties are geolocated there.
+            default = endpoint == "engage" or (self.geo is not None and endpoint == "track")
+            wantsIP = "1" if default else "0"
         ip = self.clientAddress(request) if wantsIP == "1" else None
         received = round(self.clock.seconds(), 3)
-        cleaned = clean(endpoint, records, Context(received, ip, tokens))
+        context = Context(received, ip, tokens, self.geo, endpoint == "import" and modern)
+        cleaned = clean(endpoint, records, context)
         if self.tokens is not None:
             cleaned = self._knownTokensOnly(endpoint, cleaned, len(records))
         if decoded.lineErrors:
@@ -231,6 +259,29 @@ class IngestAPI:
         self.funnel.countRefused("unknown_token", len(unknown))
         return Cleaned(kept, failures, cleaned.truncated)
 
+    def _dropInvalid(self, cleaned: Cleaned) -> Cleaned:
+        """
+        C{strict=0}: Mixpanel's answer has no per-record errors, so the
+        invalid records are dropped, counted by field in C{/stats} and
+        C{/metrics}, and logged.
+        """
+        if not cleaned.failures:
+            return cleaned
+        reasons: Dict[str, int] = {}
+        for _, error, _ in cleaned.failures:
+            if error.message == UNKNOWN_TOKEN:  # counted as unknown_token already
+                continue
+            reason = _IMPORT_REASONS.get(error.field, "import_invalid")
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, count in reasons.items():
+            self.funnel.countRefused(reason, count)
+        self.log.info(
+            "/import strict=0: {count} invalid records dropped: {why}",
+            count=len(cleaned.failures),
+            why=describeFailures(cleaned.failures, len(cleaned.failures) + len(cleaned.items)),
+        )
+        return Cleaned(cleaned.items, [], cleaned.truncated)
+
     def _stored(
         self,
         _: None,
@@ -261,7 +312,13 @@ class IngestAPI:
         )
 
     def _notStored(
-        self, failure: Failure, request: IRequest, style: AnswerStyle, modern: bool
+        self,
+        failure: Failure,
+        request: IRequest,
+        style: AnswerStyle,
+        modern: bool,
+        kind: str,
+        items: Sequence[CleanItem],
     ) -> bytes:
         if failure.check(RequestRefused):
             refusal = failure.value
@@ -271,7 +328,7 @@ class IngestAPI:
             self.log.failure("storing events failed", failure)
             refusal = _unavailable("internal error storing events; retry")
             refusal.status = 500
-        return self._refuse(request, refusal, modern, style)
+        return self._refuse(request, refusal, modern, style, kind, items)
 
     def _refuse(
         self,
@@ -279,15 +336,50 @@ class IngestAPI:
         refusal: RequestRefused,
         modern: bool,
         style: Optional[AnswerStyle] = None,
+        kind: str = "",
+        items: Sequence[CleanItem] = (),
     ) -> bytes:
+        """
+        Answer a request refused as a whole; C{items} are its cleaned records
+        when it got that far, for the live view.
+        """
         if refusal.retryAfter is not None:
             request.setHeader(b"retry-after", b"%d" % refusal.retryAfter)
         if modern or (refusal.status == 401 and style is None and _isJSONBody(request)):
             status = 400 if refusal.status == 200 else refusal.status
-            return importAnswer(request, status, refusal.reason)
-        if style is None:
-            style = _fallbackStyle(request, self.redirectHosts)
-        return style.answer(request, refusal.status, False, refusal.reason)
+            answer = importAnswer(request, status, refusal.reason)
+        else:
+            if style is None:
+                style = _fallbackStyle(request, self.redirectHosts)
+            answer = style.answer(request, refusal.status, False, refusal.reason)
+        live = self.funnel.live
+        if live.active:
+            status = getattr(request, "code", refusal.status)
+            tokens = [item.token for item in items] or [""]
+            live.refused(
+                kind,
+                status,
+                reasonOf(status),
+                [(token, "", refusal.reason, None) for token in tokens],
+            )
+        return answer
+
+    def _showInvalid(self, kind: str, status: int, decoded: Decoded, cleaned: Cleaned) -> None:
+        """
+        Show the records refused one by one on the live view, with the field
+        and message their answer gives.
+        """
+        records = decoded.items
+        failures = []
+        for index, error, _ in cleaned.failures:
+            record = records[index] if index < len(records) else None
+            failures.append((tokenOf(record), error.field, error.message, record))
+        unknown = [f for f in failures if f[2] == UNKNOWN_TOKEN]
+        if unknown:
+            self.funnel.live.refused(kind, status, "unauthorised", unknown)
+        self.funnel.live.refused(
+            kind, status, "invalid", [f for f in failures if f[2] != UNKNOWN_TOKEN]
+        )
 
 
 def _unavailable(reason: str) -> RequestRefused:

@@ -7,6 +7,12 @@ accounts), or as C{api_key} (the Python SDK sends it in the body).  Secrets
 are looked up by their SHA-256 digest and confirmed with
 L{hmac.compare_digest}, so the time an answer takes says nothing about how
 much of a guessed secret was right; they are never logged.
+
+With C{--import-token-auth}, the project token itself as the Basic user name
+with an empty password (as Mixpanel accepts it, and the official Java SDK
+imports) authorises that project, if C{--import-secrets} has it: anyone who
+knows the token, which every web page using the SDK shows, may then import
+(and so backdate) events into it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ class ImportSecrets:
     Which project tokens a presented secret may import into.
     """
 
-    def __init__(self, secrets: Mapping[str, str]) -> None:
+    def __init__(self, secrets: Mapping[str, str], tokenAuth: bool = False) -> None:
+        """
+        @param tokenAuth: whether a project token alone (C{token:}) is
+            credentials for its project (C{--import-token-auth}).
+        """
+        self.tokenAuth = tokenAuth
         byDigest: Dict[bytes, Tuple[str, List[str]]] = {}
         for token, secret in secrets.items():
             if not isinstance(token, str) or not isinstance(secret, str) or not secret:
@@ -43,9 +54,10 @@ class ImportSecrets:
         self._byDigest = {
             digest: (secret, frozenset(tokens)) for digest, (secret, tokens) in byDigest.items()
         }
+        self._tokens = frozenset(secrets)
 
     @classmethod
-    def fromFile(cls, path: str) -> ImportSecrets:
+    def fromFile(cls, path: str, tokenAuth: bool = False) -> ImportSecrets:
         """
         Read a JSON object mapping project token to API secret, warning if
         the file is readable by others than its owner.
@@ -55,7 +67,7 @@ class ImportSecrets:
         secrets = readJSONFile(path, "--import-secrets")
         if not isinstance(secrets, dict):
             raise ValueError(f"{path} must hold a JSON object of token to secret")
-        loaded = cls(secrets)
+        loaded = cls(secrets, tokenAuth)
         loaded.path = path
         return loaded
 
@@ -71,7 +83,8 @@ class ImportSecrets:
         """
         if self.path is None:
             raise ValueError("these import secrets were not read from a file")
-        self._byDigest = ImportSecrets.fromFile(self.path)._byDigest
+        loaded = ImportSecrets.fromFile(self.path)
+        self._byDigest, self._tokens = loaded._byDigest, loaded._tokens
 
     def tokensFor(self, request: IRequest, params: Mapping[str, str]) -> FrozenSet[str]:
         """
@@ -79,7 +92,7 @@ class ImportSecrets:
 
         @raise Unauthorized: no credentials, or none that match.
         """
-        presented = _presented(request, params)
+        presented, token = _presented(request, params)
         if not presented:
             raise Unauthorized("missing credentials: send the project secret with HTTP Basic auth")
         for secret in presented:
@@ -88,11 +101,18 @@ class ImportSecrets:
                 entry[0].encode("utf-8"), secret.encode("utf-8")
             ):
                 return entry[1]
+        if self.tokenAuth and token is not None and token in self._tokens:
+            return frozenset((token,))
         raise Unauthorized("Invalid credentials")
 
 
-def _presented(request: IRequest, params: Mapping[str, str]) -> List[str]:
+def _presented(request: IRequest, params: Mapping[str, str]) -> Tuple[List[str], Optional[str]]:
+    """
+    The secrets presented, and the Basic user name if its password is empty
+    (which is a project token with C{--import-token-auth}).
+    """
     secrets = []
+    token = None
     authorization = request.getHeader(b"authorization")
     if authorization:
         scheme, _, encoded = authorization.partition(b" ")
@@ -106,7 +126,9 @@ def _presented(request: IRequest, params: Mapping[str, str]) -> List[str]:
             secret: Optional[str] = password or user
             if secret:
                 secrets.append(secret)
+            if user and not password:
+                token = user
     apiKey = params.get("api_key")
     if apiKey:
         secrets.append(apiKey)
-    return secrets
+    return secrets, token

@@ -15,10 +15,23 @@ precision) added at the top level; see the README for the full format.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    NamedTuple,
+    Optional,
+    Tuple,
+)
 
 from mixingest import codec
 from mixingest.errors import InvalidEvent
+
+if TYPE_CHECKING:
+    from mixingest.geoip import Geolocator
 
 __all__ = [
     "ENDPOINTS",
@@ -50,6 +63,37 @@ IMPORT_EARLIEST = 31536000
 """
 1971-01-01T00:00:00Z: Mixpanel's C{/import} refuses anything older.
 """
+IMPORT_FUTURE = 3600
+"""
+Seconds past the server's clock that an imported C{time} may be: Mixpanel's
+C{/import} refuses events more than an hour in the future.
+"""
+PLACEHOLDER_IDS = frozenset(
+    {
+        "00000000-0000-0000-0000-000000000000",
+        "anon",
+        "anonymous",
+        "nil",
+        "none",
+        "null",
+        "n/a",
+        "na",
+        "undefined",
+        "unknown",
+        "<nil>",
+        "0",
+        "-1",
+        "true",
+        "false",
+        "[]",
+        "{}",
+    }
+)
+"""
+The placeholder values Mixpanel's C{/import} refuses as C{distinct_id} or
+C{$insert_id} (compared case-insensitively): an SDK bug's default, which
+would merge unrelated users or deduplicate unrelated events.
+"""
 INT64 = 1 << 63
 INSERT_ID = re.compile(r"\A[A-Za-z0-9-]{1,36}\Z")
 _INSERT_ID = INSERT_ID.match
@@ -75,11 +119,18 @@ class Context(NamedTuple):
     @ivar ip: the client address to record (C{ip=1}), or L{None}.
     @ivar importTokens: on C{/import}, the project tokens the credentials
         cover; a record's token must be one of them.
+    @ivar geo: with C{--geoip}, what geolocates records and applies the IP
+        privacy policy; L{ip} is then the address to geolocate (and not
+        stored unless the policy says so).
+    @ivar requireInsertId: on C{/import}, whether C{$insert_id} is
+        required (JSON bodies, as the Ingestion API reference specifies).
     """
 
     received: float
     ip: Optional[str] = None
     importTokens: Optional[FrozenSet[str]] = None
+    geo: Optional[Geolocator] = None
+    requireInsertId: bool = False
 
 
 class CleanItem(NamedTuple):
@@ -259,6 +310,8 @@ def normaliseTime(value: Any, field: str) -> float | int:
     if value >= MILLISECONDS_FROM:
         value = value / 1000
     value = round(value, 3)
+    if value <= 0:  # under half a millisecond after the epoch: 0 once rounded
+        raise InvalidEvent(field, "out of range")
     if value.is_integer():
         return int(value)
     return value
@@ -283,6 +336,24 @@ def _token(value: Any, field: str) -> str:
     if len(value) > MAX_STRING:
         raise InvalidEvent(field, f"longer than {MAX_STRING} characters")
     return value
+
+
+def _importIds(props: Dict[str, Any], context: Context) -> None:
+    """
+    The identifiers Mixpanel's C{/import} requires: C{distinct_id} (the
+    empty string allowed) and C{$insert_id}, neither a placeholder.
+    """
+    distinctId = props.get("distinct_id")
+    if distinctId is None:
+        raise InvalidEvent("properties.distinct_id", "required on /import")
+    if str(distinctId).lower() in PLACEHOLDER_IDS:
+        raise InvalidEvent("properties.distinct_id", f"{distinctId!r} is a placeholder, not an id")
+    insertId = props.get("$insert_id")
+    if insertId is None:
+        if context.requireInsertId:
+            raise InvalidEvent("properties.$insert_id", "required on /import")
+    elif str(insertId).lower() in PLACEHOLDER_IDS:
+        raise InvalidEvent("properties.$insert_id", f"{insertId!r} is a placeholder, not an id")
 
 
 def _insertId(value: Any, field: str) -> Optional[str]:
@@ -345,25 +416,39 @@ def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanI
     if insertId is not None and (type(insertId) is not str or _INSERT_ID(insertId) is None):
         _insertId(insertId, "properties.$insert_id")
     distinctId = props.get("distinct_id")
-    if distinctId is not None and (
-        type(distinctId) is not str or not 0 < len(distinctId) <= MAX_STRING
+    # /import takes the empty string (an event of no one in particular).
+    if (
+        distinctId is not None
+        and (type(distinctId) is not str or not 0 < len(distinctId) <= MAX_STRING)
+        and not (imported and distinctId == "")
     ):
         _distinctId(distinctId, "properties.distinct_id", False)
+    # $merge (Python SDK merge(), Mixpanel's identity-merge reference) comes
+    # to /import without a time, a distinct_id or an $insert_id, and
+    # Mixpanel takes it.
+    merge = record["event"] == "$merge"
     walk.properties(props, "properties")
     if len(record) > 2:
         walk.others(record, _EVENT_FIELDS)
     when = props.get("time")
     if when is None:
-        # $merge (Python SDK merge(), Mixpanel's identity-merge reference)
-        # comes to /import without a time, and Mixpanel takes it.
-        if imported and record["event"] != "$merge":
+        if imported and not merge:
             raise InvalidEvent("properties.time", "required on /import")
         props["time"] = context.received
     else:
         props["time"] = when = normaliseTime(when, "properties.time")
-        if imported and when < IMPORT_EARLIEST:
-            raise InvalidEvent("properties.time", "before 1971-01-01, which /import refuses")
-    if context.ip is not None and "ip" not in props:
+        if imported:
+            if when < IMPORT_EARLIEST:
+                raise InvalidEvent("properties.time", "before 1971-01-01, which /import refuses")
+            if when > context.received + IMPORT_FUTURE:
+                raise InvalidEvent(
+                    "properties.time", "more than an hour in the future, which /import refuses"
+                )
+    if imported and not merge:
+        _importIds(props, context)
+    if context.geo is not None:
+        context.geo.event(props, context.ip)
+    elif context.ip is not None and "ip" not in props:
         props["ip"] = context.ip
     record["received_at"] = context.received
     return _cleanItem(CleanItem, (token, insertId, _encode(record)))
@@ -404,8 +489,11 @@ def _update(
     walk.others(record, () if op == "$delete" else (op,))
     if "$time" in record:
         record["$time"] = normaliseTime(record["$time"], "$time")
-    if context.ip is not None and "$ip" not in record and identity == ("$distinct_id",):
-        record["$ip"] = context.ip
+    if identity == ("$distinct_id",):
+        if context.geo is not None:
+            context.geo.update(record, op, context.ip)
+        elif context.ip is not None and "$ip" not in record:
+            record["$ip"] = context.ip
     record["received_at"] = context.received
     return _cleanItem(CleanItem, (token, None, _encode(record)))
 

@@ -34,6 +34,7 @@ from mixingest.cleaning import CleanItem
 from mixingest.dedupe import Key, RecentInsertIds
 from mixingest.defaults import DEFAULT_MAX_BACKLOG, DEFAULT_MAX_IN_FLIGHT
 from mixingest.errors import Overloaded, RequestRefused
+from mixingest.live import LiveTap
 from mixingest.metrics import FunnelCollector, Metrics
 from mixingest.queues.base import EventQueue
 from mixingest.ratelimit import RateLimiter
@@ -156,6 +157,7 @@ class Funnel(Service):
         maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
         maxBacklog: int = DEFAULT_MAX_BACKLOG,
         metrics: Optional[Metrics] = None,
+        live: Optional[LiveTap] = None,
     ) -> None:
         """
         @param routes: token to queue name, for C{/track} and C{/import}.
@@ -169,6 +171,8 @@ class Funnel(Service):
             the daemon is not ready.
         @param metrics: where write latencies go and the funnel's figures
             are exposed.
+        @param live: the live view's tap, told what is stored and
+            deduplicated while a viewer watches.
         """
         self.queue = queue
         self.clock = clock
@@ -180,6 +184,7 @@ class Funnel(Service):
         self.maxInFlight = maxInFlight
         self.maxBacklog = maxBacklog
         self.metrics = metrics if metrics is not None else Metrics()
+        self.live = live if live is not None else LiveTap(clock)
         self.metrics.registry.register(FunnelCollector(self))
         self.queues: Dict[str, QueueCounts] = {}
         self.rejected: Dict[str, int] = {}
@@ -235,6 +240,8 @@ class Funnel(Service):
         now = self.clock.seconds()
         groups = self._fresh(items, now)
         if not groups:
+            if self.live.active:
+                self.live.deduplicated(endpoint, [item.token for item in items])
             return succeed(None)
         if self.limiter is not None:
             refused = self.limiter.refusal(
@@ -242,6 +249,32 @@ class Funnel(Service):
             )
             if refused is not None:
                 raise self._refuse(refused[0], items, refused[1])
+        if self.live.active:
+            return self._shown(endpoint, items, groups, self._write(endpoint, groups, now))
+        return self._write(endpoint, groups, now)
+
+    def _shown(
+        self,
+        endpoint: str,
+        items: Sequence[CleanItem],
+        groups: List[_Group],
+        stored: Deferred[None],
+    ) -> Deferred[None]:
+        """
+        Show a request's share on the live view: the records dropped as
+        already stored now, the others once stored.
+        """
+        live = self.live
+        if sum(len(group[1]) for group in groups) < len(items):
+            kept = {id(payload) for group in groups for payload in group[1]}
+            duplicates = [item.token for item in items if id(item.payload) not in kept]
+            live.deduplicated(endpoint, duplicates)
+        return stored.addCallback(live.stored, endpoint, groups)
+
+    def _write(self, endpoint: str, groups: List[_Group], now: float) -> Deferred[None]:
+        """
+        Write C{groups} to their queues: one write per queue they route to.
+        """
         if len(groups) == 1 or endpoint not in ROUTABLE or not self.routes:
             return self._put(self.queueFor(endpoint, groups[0][0]), groups, now)
         byQueue: Dict[str, List[_Group]] = {}

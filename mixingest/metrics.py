@@ -12,15 +12,29 @@ request, through label children looked up once and cached.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Tuple
+import platform
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from mixingest.httpsite import HardenedSite, IngestRequest
+from mixingest import __version__
+from mixingest.httpsite import HardenedSite, IngestChannel, IngestRequest
+from mixingest.journal.writer import FSYNC_BUCKETS
 
 if TYPE_CHECKING:
     from mixingest.funnel import Funnel
@@ -46,6 +60,9 @@ class Metrics:
     """
 
     def __init__(self) -> None:
+        # Counters' *_created series double every counter for nothing an
+        # alert uses (the process start time says when they began).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self._requests = Counter(
             "mixingest_requests",
@@ -67,7 +84,22 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        ProcessCollector(namespace="mixingest", registry=self.registry)
+        self._early = Counter(
+            "mixingest_early_refusals",
+            "Public requests answered before a handler (400 malformed, 408 too slow, "
+            "414/431 too long), by status code.",
+            ["code"],
+            registry=self.registry,
+        )
+        build = GaugeMetricFamily(
+            "mixingest_build_info",
+            "Always 1; the version and the Python running it are labels.",
+            labels=["version", "python"],
+        )
+        python = platform.python_implementation() + " " + platform.python_version()
+        build.add_metric([__version__, python], 1)
+        self.registry.register(_Constant([build]))
+        ProcessCollector(registry=self.registry)
         self._answers: Dict[str, Dict[int, Any]] = {}
         self._latencies: Dict[str, Any] = {}
         self._writeLatencies: Dict[str, Any] = {}
@@ -95,6 +127,12 @@ class Metrics:
         if histogram is None:
             histogram = self._writeLatencies[queue] = self._writes.labels(queue)
         histogram.observe(seconds)
+
+    def refusedEarly(self, code: int) -> None:
+        """
+        Count one public request answered C{code} before any handler.
+        """
+        self._early.labels(str(code)).inc()
 
     def exposition(self, accept: Optional[str]) -> Tuple[bytes, str]:
         """
@@ -211,6 +249,8 @@ def storageMetrics(status: Mapping[str, Any]) -> Iterator[Metric]:
             "if the machine crashed.",
             value=sum(w.get("possiblyLost", 0) for w in writers),
         )
+        yield from writerMetrics(journal.get("queues", {}))
+        yield from groupMetrics(journal)
     forwarder = status.get("forwarder")
     if forwarder is not None:
         yield CounterMetricFamily(
@@ -222,6 +262,152 @@ def storageMetrics(status: Mapping[str, Any]) -> Iterator[Metric]:
             "mixingest_forwarder_in_doubt_skipped",
             "Journaled copies of in-doubt puts skipped because the remote had stored them.",
             value=forwarder["skippedInDoubt"],
+        )
+        yield from forwardingMetrics(status)
+
+
+def writerMetrics(writers: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    """
+    Each journal queue's writer: its files, health and fsync latency.
+    """
+    size = GaugeMetricFamily(
+        "mixingest_journal_queue_bytes", "Bytes of a queue's journal segments.", labels=["queue"]
+    )
+    segments = GaugeMetricFamily(
+        "mixingest_journal_queue_segments", "A queue's journal segment files.", labels=["queue"]
+    )
+    healthy = GaugeMetricFamily(
+        "mixingest_journal_writer_healthy",
+        "1 while a queue's journal writer can write (0 after a write or fsync failed, "
+        "until a retry succeeds).",
+        labels=["queue"],
+    )
+    failures = CounterMetricFamily(
+        "mixingest_journal_fsync_failures", "Journal fsyncs that failed.", labels=["queue"]
+    )
+    fsync = HistogramMetricFamily(
+        "mixingest_journal_fsync_duration_seconds",
+        "Seconds each journal segment fsync took, failed ones included.",
+        labels=["queue"],
+    )
+    for name, writer in sorted(writers.items()):
+        size.add_metric([name], writer["bytes"])
+        segments.add_metric([name], writer["segments"])
+        healthy.add_metric([name], int(writer["healthy"]))
+        failures.add_metric([name], writer["fsyncFailures"])
+        counts = writer.get("fsyncBuckets")
+        if counts is not None:
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, FSYNC_BUCKETS), "+Inf"), counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            fsync.add_metric([name], buckets, writer["fsyncSecondsTotal"])
+    yield from (size, segments, healthy, failures, fsync)
+
+
+def forwardingMetrics(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """
+    A store-and-forward queue's backlog per queue, its totals and whether
+    the remote server is up.
+    """
+    backlog = GaugeMetricFamily(
+        "mixingest_forwarding_backlog_events",
+        "Events journaled and not yet forwarded to the remote queue, by queue.",
+        labels=["queue"],
+    )
+    diverted = GaugeMetricFamily(
+        "mixingest_forwarding_diverted",
+        "1 while a queue's events go to the journal instead of the remote queue.",
+        labels=["queue"],
+    )
+    divertedQueues = set(status.get("diverted", ()))
+    for name, count in sorted(status.get("backlog", {}).items()):
+        backlog.add_metric([name], count)
+        diverted.add_metric([name], int(name in divertedQueues))
+    yield from (backlog, diverted)
+    forwarder = status["forwarder"]
+    yield CounterMetricFamily(
+        "mixingest_forwarding_forwarded_events",
+        "Journaled events forwarded to the remote queue.",
+        value=forwarder["forwarded"],
+    )
+    yield GaugeMetricFamily(
+        "mixingest_forwarding_consecutive_failures",
+        "Forwarding attempts that failed since the last success (0 when forwarding works).",
+        value=forwarder["failures"],
+    )
+    yield GaugeMetricFamily(
+        "mixingest_remote_up",
+        "1 while the remote queue server (Redis, Kestrel) takes writes.",
+        value=int(bool(status.get("remote", {}).get("healthy"))),
+    )
+
+
+class _Constant:
+    """
+    A collector of fixed families (the build info).
+    """
+
+    def __init__(self, families: List[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+_GROUP_GAUGES = (
+    ("nextSeq", "mixingest_journal_group_next_seq", "The next sequence number the group reads."),
+    ("lagItems", "mixingest_journal_group_lag_items", "Items after the group's cursor."),
+    (
+        "lagSeconds",
+        "mixingest_journal_group_lag_seconds",
+        "Age of the segment holding the group's next item (0 when caught up).",
+    ),
+    (
+        "lastCommit",
+        "mixingest_journal_group_last_commit_timestamp_seconds",
+        "When the group last committed (or sent a heartbeat).",
+    ),
+)
+
+
+def groupMetrics(journal: Mapping[str, Any]) -> Iterator[Metric]:
+    """
+    Each consumer group's cursor and lag (labels C{queue} and C{group}), and
+    what retention did, from a journal's C{status()}.
+    """
+    groups = [
+        (queue, group, figures)
+        for queue, byGroup in sorted(journal.get("groups", {}).items())
+        for group, figures in sorted(byGroup.items())
+    ]
+    for key, name, documentation in _GROUP_GAUGES:
+        family = GaugeMetricFamily(name, documentation, labels=["queue", "group"])
+        for queue, group, figures in groups:
+            if figures.get(key) is not None:
+                family.add_metric([queue, group], figures[key])
+        yield family
+    retention = journal.get("retention")
+    if retention is not None:
+        yield CounterMetricFamily(
+            "mixingest_journal_retention_dropped_segments",
+            "Segments deleted unread by some group (--retention-policy drop).",
+            value=retention["droppedSegments"],
+        )
+        yield CounterMetricFamily(
+            "mixingest_journal_retention_dropped_bytes",
+            "Bytes of those segments.",
+            value=retention["droppedBytes"],
+        )
+        yield CounterMetricFamily(
+            "mixingest_journal_groups_expired",
+            "Consumer group cursors deleted by --group-expiry.",
+            value=retention["expiredGroups"],
+        )
+        yield GaugeMetricFamily(
+            "mixingest_journal_retention_refusing",
+            "Queues refusing events past a retention limit (--retention-policy refuse).",
+            value=len(retention["refusing"]),
         )
 
 
@@ -278,6 +464,17 @@ class MeteredRequest(IngestRequest):
         super().requestReceived(command, path, version)
 
 
+class MeteredChannel(IngestChannel):
+    """
+    A public channel that counts the requests it refuses before a handler,
+    which twisted.web never logs.
+    """
+
+    def _answer(self, status: int, reason: str) -> None:
+        self.site.metrics.refusedEarly(status)
+        super()._answer(status, reason)
+
+
 class PublicSite(HardenedSite):
     """
     The public site, counting every answer and its latency in L{Metrics}.
@@ -287,6 +484,7 @@ class PublicSite(HardenedSite):
     """
 
     requestFactory = MeteredRequest
+    protocol = MeteredChannel
 
     def __init__(self, *args: Any, metrics: Metrics, clock: IReactorTime, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

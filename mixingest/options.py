@@ -31,6 +31,7 @@ from mixingest.defaults import (
     DEFAULT_SHUTDOWN_GRACE,
 )
 from mixingest.journal.fsync import FsyncPolicy
+from mixingest.live import DEFAULT_LIVE_SAMPLE
 from mixingest.naming import WORKER_DIRECTORY, validQueueName
 from mixingest.secretfiles import REDIS_PASSWORD_ENV, readSecretFile
 from mixingest.workers import checkWorkerOptions
@@ -48,6 +49,19 @@ def _positive(name: str, convert: Any = int) -> Any:
             raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
         if number <= 0:
             raise usage.UsageError(f"--{name} must be positive")
+        return number
+
+    return check
+
+
+def _share(name: str) -> Any:
+    def check(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+        if not 0 < number <= 1:
+            raise usage.UsageError(f"--{name} must be more than 0 and at most 1")
         return number
 
     return check
@@ -79,6 +93,24 @@ class Options(usage.Options):
 
     optFlags = [
         ["access-log", None, "Log every request (costs about 15% of throughput)."],
+        [
+            "keep-ip",
+            None,
+            "With --geoip: store the client address (properties.ip, $ip) as without it.",
+        ],
+        [
+            "anonymise-ip",
+            None,
+            "With --geoip: store the client address truncated (IPv4 last octet, IPv6 last 80 "
+            "bits zeroed).",
+        ],
+        [
+            "import-token-auth",
+            None,
+            "Accept a project token as /import credentials (HTTP Basic TOKEN:, as Mixpanel and "
+            "its Java SDK do): anyone who knows the public token may then import and backdate "
+            "events.",
+        ],
     ]
 
     optParameters = [
@@ -95,6 +127,14 @@ class Options(usage.Options):
             None,
             None,
             "JSON file mapping project token to API secret, for /import.",
+        ],
+        [
+            "geoip",
+            None,
+            None,
+            "MaxMind GeoIP2/GeoLite2 City or Country database (.mmdb): events and profile updates "
+            "get $city, $region and a country code, and the client address is no longer stored "
+            "(see --keep-ip); reloaded on SIGHUP or when the file changes.",
         ],
         [
             "tokens",
@@ -142,6 +182,38 @@ class Options(usage.Options):
             "and /readyz is 503 (default: 90% of the space the journal has at start, i.e. its own "
             "segments plus the free space of its file system).",
             _positive("max-journal-bytes"),
+        ],
+        [
+            "retention-bytes",
+            None,
+            None,
+            "Journal-only mode: largest size of a queue's segments kept for consumer groups that "
+            "have not read them; past it, --retention-policy applies (default: no limit).",
+            _positive("retention-bytes"),
+        ],
+        [
+            "retention-age",
+            None,
+            None,
+            "Journal-only mode: seconds a segment is kept for consumer groups that have not read "
+            "it; past it, --retention-policy applies (default: no limit).",
+            _positive("retention-age", float),
+        ],
+        [
+            "retention-policy",
+            None,
+            "refuse",
+            "Past --retention-bytes or --retention-age: refuse (new events for the queue get 503, "
+            "nothing acknowledged is lost) or drop (delete the oldest segments, logged and "
+            "counted).",
+        ],
+        [
+            "group-expiry",
+            None,
+            None,
+            "Journal-only mode: delete the cursor of a consumer group that has not committed for "
+            "this many seconds, so that retention stops keeping segments for it (default: never).",
+            _positive("group-expiry", float),
         ],
         [
             "segment-size",
@@ -211,7 +283,15 @@ class Options(usage.Options):
             "admin-listen",
             None,
             DEFAULT_ADMIN_LISTEN,
-            "Endpoint for /healthz, /readyz, /stats and /metrics (keep it off the public network).",
+            "Endpoint for /healthz, /readyz, /stats, /metrics and /live (keep it off the public "
+            "network).",
+        ],
+        [
+            "live-sample",
+            None,
+            DEFAULT_LIVE_SAMPLE,
+            "Share of records shown on the /live page, in (0, 1]; counts are never sampled.",
+            _share("live-sample"),
         ],
         [
             "dedupe-size",
@@ -358,6 +438,25 @@ class Options(usage.Options):
             )
         self["queue"] = attrs.evolve(target, password=password)
 
+    def _geoip(self) -> None:
+        """
+        Open the C{--geoip} database now, so that a missing or corrupt one is
+        a clear error at start; check the IP privacy options that need it.
+        """
+        if self["keep-ip"] and self["anonymise-ip"]:
+            raise usage.UsageError("--keep-ip and --anonymise-ip are exclusive")
+        path = self["geoip"]
+        if path is None:
+            if self["keep-ip"] or self["anonymise-ip"]:
+                raise usage.UsageError("--keep-ip and --anonymise-ip apply with --geoip only")
+            return
+        from mixingest.geoip import GeoIPDatabase  # maxminddb only when asked for
+
+        try:
+            self["geoip"] = GeoIPDatabase(path)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--geoip: {e}") from None
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
@@ -374,6 +473,8 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--queue: {e}") from None
         self._redisPassword()
+        if self["retention-policy"] not in ("refuse", "drop"):
+            raise usage.UsageError("--retention-policy must be refuse or drop")
         # A body of --max-body must fit in the share of the budget large
         # bodies get (7/8), or it would be answered 503 forever.
         least = -(-self["max-body"] * 8 // 7)
@@ -381,6 +482,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--max-buffered-bytes must be at least {least} (8/7 of --max-body)"
             )
+        self._geoip()
         for name in ("import-secrets", "tokens", "routes-file", "limits-file"):
             path = self[name]
             if path is not None and not os.path.isfile(path):

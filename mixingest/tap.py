@@ -27,12 +27,21 @@ from mixingest.budget import BodyBudget
 from mixingest.clientip import ClientAddress
 from mixingest.dedupe import RecentInsertIds
 from mixingest.funnel import Funnel
+from mixingest.geoip import (
+    PRIVACY_ANONYMISE,
+    PRIVACY_DROP,
+    PRIVACY_KEEP,
+    GeoIPWatcher,
+    Geolocator,
+)
+from mixingest.journal.retention import RetentionPolicy
 from mixingest.journal.service import Journal
 from mixingest.lifecycle import OrderedMultiService, ShutdownGrace
+from mixingest.live import LiveTap
 from mixingest.metrics import PublicSite
 from mixingest.options import Options
 from mixingest.orphans import makeOrphanService
-from mixingest.queues.urls import makeQueue
+from mixingest.queues.urls import JournalTarget, makeQueue
 from mixingest.ratelimit import RateLimiter
 from mixingest.reload import LimitsFile, Reloader, ReloadOnSignal, RoutesFile, SignalWorkers
 from mixingest.systemd import Notifier, ReadyNotifier, Watchdog
@@ -74,6 +83,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         segmentSize=options["segment-size"],
         reactor=reactor,
         maxBytes=options["max-journal-bytes"],
+        retention=_retention(options),
     )
     queue = makeQueue(options["queue"], journal, reactor, redisPrefix=options["redis-prefix"])
     IService(queue).setServiceParent(top)
@@ -96,12 +106,13 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         ),
         maxInFlight=options["max-in-flight"],
         maxBacklog=options["max-backlog"],
+        live=LiveTap(reactor, options["live-sample"]),
     )
     AdminService(reactor, options["admin-listen"], funnel).setServiceParent(top)
     funnel.setServiceParent(top)
     secrets = None
     if options["import-secrets"] is not None:
-        secrets = ImportSecrets.fromFile(options["import-secrets"])
+        secrets = ImportSecrets.fromFile(options["import-secrets"], options["import-token-auth"])
         reloader.register("--import-secrets", secrets)
     tokens = None
     if options["tokens"] is not None:
@@ -130,6 +141,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         clientAddress=ClientAddress(options["trusted-proxy"]),
         tokens=tokens,
         redirectHosts=options["redirect-allow"],
+        geo=_geolocator(options, reactor, funnel, reloader, top),
     )
     site = PublicSite(
         api.resource(),
@@ -157,6 +169,44 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
     ShutdownGrace(reactor, funnel, options["shutdown-grace"]).setServiceParent(top)
     _lifecycle(top, reactor, notifier, reloader, options)
     return top
+
+
+def _geolocator(
+    options: Options, reactor: Any, funnel: Funnel, reloader: Reloader, top: MultiService
+) -> Optional[Geolocator]:
+    """
+    C{--geoip}: the database (opened by the options), reloaded on SIGHUP
+    and when its file changes, counted in C{/stats} and C{/metrics}.
+    """
+    database = options["geoip"]
+    if database is None:
+        return None
+    reloader.register("--geoip", database)
+    GeoIPWatcher(database, reactor).setServiceParent(top)
+    funnel.statusSources["geoip"] = database.status
+    funnel.metrics.registry.register(database)
+    privacy = PRIVACY_DROP
+    if options["keep-ip"]:
+        privacy = PRIVACY_KEEP
+    elif options["anonymise-ip"]:
+        privacy = PRIVACY_ANONYMISE
+    return Geolocator(database, privacy)
+
+
+def _retention(options: Options) -> Optional[RetentionPolicy]:
+    """
+    Journal-only mode frees the segments that every consumer group has read
+    and holds the rest to the retention limits; with a remote queue, the
+    store-and-forward service deletes what it forwarded instead.
+    """
+    if not isinstance(options["queue"], JournalTarget):
+        return None
+    return RetentionPolicy(
+        maxBytes=options["retention-bytes"],
+        maxAge=options["retention-age"],
+        policy=options["retention-policy"],
+        groupExpiry=options["group-expiry"],
+    )
 
 
 def _lifecycle(

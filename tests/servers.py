@@ -248,6 +248,18 @@ class RedisServer:
         assert isinstance(reply, list)
         return reply
 
+    def commandCalls(self, command: str) -> int:
+        """
+        How many times the server has run C{command} (lower case), from
+        C{INFO commandstats}.
+        """
+        info = self.command("INFO", "commandstats")
+        assert isinstance(info, bytes)
+        for line in info.decode().splitlines():
+            if line.startswith(f"cmdstat_{command}:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+
 
 class MemcachedServer:
     """

@@ -147,7 +147,8 @@ async def test_statsAndMetricsAfterTraffic(running: Running) -> None:
     names = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"
     }
-    assert all(name.startswith("mixingest_") for name in names)
+    assert all(name.startswith(("mixingest_", "process_")) for name in names)
+    assert not [name for name in names if name.endswith("_created")]
 
 
 @pytest_twisted.ensureDeferred
@@ -182,7 +183,7 @@ def test_daemonServesAdminOnItsOwnPort(tmp_path: Path) -> None:
         assert stats["backend"]["backend"] == "journal"
         metrics = admin.request("/metrics")[2].decode()
         assert 'mixingest_requests_total{code="200",endpoint="track"} 2.0' in metrics
-        assert "mixingest_process_resident_memory_bytes" in metrics
+        assert "\nprocess_resident_memory_bytes " in metrics
         assert daemon.request("/stats")[0] == 404
     finally:
         daemon.terminate()

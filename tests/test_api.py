@@ -31,6 +31,10 @@ EVENT = {
     "properties": {"token": "tok", "distinct_id": "u1", "time": 1700000000123},
 }
 B64 = base64.b64encode(json.dumps(EVENT).encode()).decode()
+IMPORTED = {"event": "Signed Up", "properties": dict(EVENT["properties"], **{"$insert_id": "i-1"})}
+"""
+L{EVENT} as /import's JSON body must have it: with an C{$insert_id}.
+"""
 
 
 class MemoryQueue:
@@ -334,8 +338,8 @@ def test_importJSON(h: Harness) -> None:
 
 
 def test_importPartialFailure(h: Harness) -> None:
-    bad = {"event": "e", "properties": {"token": "tok", "$insert_id": "bad-1"}}
-    code, _, body = h.call("POST", "/import", json=[EVENT, bad], auth=("acct", "sekrit"))
+    bad = {"event": "e", "properties": {"token": "tok", "distinct_id": "u", "$insert_id": "bad-1"}}
+    code, _, body = h.call("POST", "/import", json=[IMPORTED, bad], auth=("acct", "sekrit"))
     assert code == 400
     assert json.loads(body) == {
         "code": 400,
@@ -381,7 +385,7 @@ def test_importLegacyForm(h: Harness) -> None:
 
 
 def test_importNDJSON(h: Harness) -> None:
-    body = json.dumps(EVENT).encode() + b"\nnot json\n"
+    body = json.dumps(IMPORTED).encode() + b"\nnot json\n"
     code, _, answer = h.call(
         "POST",
         "/import",
@@ -465,9 +469,14 @@ def test_unknownTokenImport() -> None:
     )
     other = {
         "event": "e",
-        "properties": {"token": "other", "time": 1700000000, "$insert_id": "o-1"},
+        "properties": {
+            "token": "other",
+            "distinct_id": "u",
+            "time": 1700000000,
+            "$insert_id": "o-1",
+        },
     }
-    code, _, body = h.call("POST", "/import", json=[other, EVENT], auth=("sekrit", ""))
+    code, _, body = h.call("POST", "/import", json=[other, IMPORTED], auth=("sekrit", ""))
     answer = json.loads(body)
     assert (code, answer["num_records_imported"]) == (400, 1)
     assert answer["failed_records"] == [

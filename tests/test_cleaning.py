@@ -89,7 +89,9 @@ def test_millisecondsExact(milliseconds: int) -> None:
     assert type(normalised) is (int if expected.is_integer() else float)
 
 
-@pytest.mark.parametrize("bad", ["1700000000", True, None, -1, 0, 1e15, 10**14, float("nan"), [1]])
+@pytest.mark.parametrize(
+    "bad", ["1700000000", True, None, -1, 0, 0.0004, 1e15, 10**14, float("nan"), [1]]
+)
 def test_timeRejected(bad: Any) -> None:
     with pytest.raises(InvalidEvent):
         normaliseTime(bad, "time")
@@ -191,16 +193,16 @@ def test_hugeItemRejected() -> None:
 
 def test_importRequiresTimeAndAuthorisedToken() -> None:
     context = Context(NOW, importTokens=frozenset({"tok"}))
-    assert failure("import", event(), context).field == "properties.time"
-    assert "1971" in failure("import", event(time=1000), context).message
+    assert failure("import", event(distinct_id="u"), context).field == "properties.time"
+    assert "1971" in failure("import", event(distinct_id="u", time=1000), context).message
     other = {"event": "e", "properties": {"token": "other", "time": 1700000000}}
     assert "not a project" in failure("import", other, context).message
-    assert cleanOne("import", event(time=1700000000), context)
+    assert cleanOne("import", event(distinct_id="u", time=1700000000), context)
 
 
 def test_importFillsTheOnlyToken() -> None:
     context = Context(NOW, importTokens=frozenset({"tok"}))
-    record = {"event": "e", "properties": {"time": 1700000000}}
+    record = {"event": "e", "properties": {"time": 1700000000, "distinct_id": "u"}}
     assert cleanOne("import", record, context)["properties"]["token"] == "tok"
     assert failure("import", {"event": "e"}, context).field == "properties.time"
 

@@ -110,6 +110,24 @@ def trackOne(daemon: Daemon, n: int) -> tuple[int, Dict[str, str], bytes]:
     return daemon.request(f"/track?data={encoded(event)}")
 
 
+def answersOne(daemon: Daemon, first: int, acknowledged: List[int]) -> Callable[[], bool]:
+    """
+    A probe for L{waitFor}: send the next event numbered from C{first} and
+    say whether it was answered C{1} (then it is recorded as acknowledged).
+    """
+    numbers = iter(range(first, first + 1000))
+
+    def probe() -> bool:
+        n = next(numbers)
+        status, _, body = trackOne(daemon, n)
+        if (status, body) == (200, b"1"):
+            acknowledged.append(n)
+            return True
+        return False
+
+    return probe
+
+
 def stopDaemon(daemon: Daemon) -> None:
     """
     SIGTERM and a graceful exit.  (Not L{Daemon.terminate}: the write
@@ -174,17 +192,11 @@ def test_fullDiskRefusesKeepsEverythingAndRecovers(tmp_path: Path, smallDisk: Pa
         subprocess.run(
             ["mount", "-o", f"remount,size={2 * DISK}", str(smallDisk)], check=True, timeout=30
         )
-        numbers = iter(range(9_000_001, 9_001_000))
-
-        def answersOne() -> bool:
-            n = next(numbers)
-            status, _, body = trackOne(daemon, n)
-            if (status, body) == (200, b"1"):
-                acknowledged.append(n)
-                return True
-            return False
-
-        waitFor(answersOne, 30, "the daemon to take events again once the disk has room")
+        waitFor(
+            answersOne(daemon, 9_000_001, acknowledged),
+            30,
+            "the daemon to take events again once the disk has room",
+        )
         assert daemon.admin("/readyz")[0] == 200
     finally:
         stopDaemon(daemon)
@@ -271,17 +283,7 @@ def test_spoolFillsWhileRedisIsDownThenDrainsOnce(
             90,
             "every acknowledged event in Redis",
         )
-        numbers = iter(range(9_000_000, 9_001_000))
-
-        def answersOne() -> bool:
-            n = next(numbers)
-            status, _, body = trackOne(daemon, n)
-            if (status, body) == (200, b"1"):
-                acknowledged.append(n)
-                return True
-            return False
-
-        waitFor(answersOne, 30, "the daemon to take events again")
+        waitFor(answersOne(daemon, 9_000_000, acknowledged), 30, "the daemon to take events again")
         waitFor(lambda: set(acknowledged) <= set(redisNumbers(redisServer)), 30, "the last event")
         stats = daemon.stats()
     finally:

@@ -31,14 +31,22 @@ tears = st.one_of(
 )
 
 
-def readBack(queueDir: str, batch: int):
+def readWithSeqs(queueDir: str, batch: int) -> list[tuple[int, bytes]]:
+    """
+    Every item of the queue with its sequence number, read C{batch} at a
+    time.
+    """
     with JournalReader(queueDir) as reader:
         out = []
         while True:
             got = reader.read(maxItems=batch)
             if not got:
                 return out
-            out.extend(p for _, p in got)
+            out.extend((position.seq - 1, p) for position, p in got)
+
+
+def readBack(queueDir: str, batch: int) -> list[bytes]:
+    return [item for _, item in readWithSeqs(queueDir, batch)]
 
 
 @settings(max_examples=80, deadline=None)
@@ -79,16 +87,6 @@ def test_prefixNeverGarbage(groups, tear, segmentSize, batch):
         writer.commit([b"after"], sync=False)
         writer.close()
         assert readBack(queueDir, batch) == [*read, b"after"]
-
-
-def readWithSeqs(queueDir: str, batch: int):
-    with JournalReader(queueDir) as reader:
-        out = []
-        while True:
-            got = reader.read(maxItems=batch)
-            if not got:
-                return out
-            out.extend((position.seq - 1, p) for position, p in got)
 
 
 @settings(max_examples=150, deadline=None)

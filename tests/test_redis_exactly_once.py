@@ -97,15 +97,6 @@ def proxy(redisServer: RedisServer) -> Iterator[Proxy]:
         p.close()
 
 
-def commandCalls(server: RedisServer, command: str) -> int:
-    info = server.command("INFO", "commandstats")
-    assert isinstance(info, bytes)
-    for line in info.decode().splitlines():
-        if line.startswith(f"cmdstat_{command}:"):
-            return int(line.split("calls=")[1].split(",")[0])
-    return 0
-
-
 def lateCommand(queue: RedisQueue, name: str, items: list[bytes], first: int) -> list[Any]:
     """The push script's C{EVAL} for a direct batch, as the queue sent it."""
     args = scripts.pushArgs(queue.prefix, name, queue.runId, 3600, items, first=first)
@@ -325,11 +316,11 @@ async def test_replicasAcknowledge(redisServer: RedisServer, tmp_path: Path) -> 
     replica = startRedis(tmp_path / "replica", replicaOf=redisServer)
     queue = await started(makeQueueOn(redisServer.host, redisServer.port, replicas=1))
     try:
-        waits = commandCalls(redisServer, "wait")
+        waits = redisServer.commandCalls("wait")
         for i in range(5):
             await queue.put("events", [b"%d" % i])
             assert replica.items("events") == [b"%d" % j for j in range(i + 1)]
-        assert commandCalls(redisServer, "wait") == waits + 5
+        assert redisServer.commandCalls("wait") == waits + 5
     finally:
         await queue.stopService()
         replica.stop()
@@ -403,7 +394,7 @@ async def test_waitAOF(redisServer: RedisServer) -> None:
     queue = await started(makeQueueOn(redisServer.host, redisServer.port, waitAOF=True))
     try:
         await queue.put("events", [b"x"])
-        assert commandCalls(redisServer, "waitaof") == 1
+        assert redisServer.commandCalls("waitaof") == 1
     finally:
         await queue.stopService()
 

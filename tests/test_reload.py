@@ -278,7 +278,17 @@ def basic(secret: str) -> Dict[str, str]:
 
 
 IMPORTED = json.dumps(
-    [{"event": "i", "properties": {"token": "tok", "distinct_id": "u", "time": int(time.time())}}]
+    [
+        {
+            "event": "i",
+            "properties": {
+                "token": "tok",
+                "distinct_id": "u",
+                "time": int(time.time()),
+                "$insert_id": "reload-1",
+            },
+        }
+    ]
 ).encode()
 
 

@@ -1,7 +1,8 @@
 """
-Inspect a journal from the shell: C{python -m mixingest.journal --help}.
+Inspect and consume a journal from the shell: C{python -m mixingest.journal --help}.
 
-Read-only and lock-free, so it is safe while the daemon is appending.
+Lock-free, so it is safe while the daemon is appending.  Only C{consume}
+and C{reset} write anything: a consumer group's cursor.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, TextIO
+import time
+from typing import Any, BinaryIO, Dict, List, Optional, TextIO
 
 from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
+from mixingest.journal.consumer import Consumer, groupStatus, resetGroup
 from mixingest.journal.framing import (
     HEADER_SIZE,
     INCOMPLETE,
@@ -49,6 +52,74 @@ def _cat(dataDir: str, queue: str) -> int:
         # The reader went away (| head): stop quietly, and keep Python from
         # complaining when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _consume(args: argparse.Namespace, out: BinaryIO) -> int:
+    """
+    Write a group's next items to C{out}, one per line, committing each
+    batch only once it is written and flushed: killed at any point, the
+    group resumes with at most the last batch written again.
+    """
+    left = args.max
+    with Consumer(args.dataDir, args.queue, args.group, start=args.start) as consumer:
+        try:
+            while left is None or left > 0:
+                batch = consumer.poll(args.batch if left is None else min(args.batch, left))
+                if not batch:
+                    if not args.follow:
+                        break
+                    time.sleep(args.interval)
+                    continue
+                for record in batch:
+                    if args.envelope:
+                        out.write(b'{"seq":%d,"item":%s}\n' % (record.seq, record.payload))
+                    else:
+                        out.write(record.payload + b"\n")
+                out.flush()
+                consumer.commit(batch[-1].position)
+                if left is not None:
+                    left -= len(batch)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except KeyboardInterrupt:
+            pass
+        if consumer.damagedRanges:
+            print(
+                f"skipped {consumer.damagedRanges} damaged ranges (logged above)", file=sys.stderr
+            )
+    return 0
+
+
+def _groups(dataDir: str, queue: Optional[str], asJSON: bool) -> int:
+    if not os.path.isdir(dataDir):
+        print(f"no journal directory {dataDir}", file=sys.stderr)
+        return 1
+    now = time.time()
+    found: Dict[str, Dict[str, Any]] = {}
+    if queue is not None and not validQueueName(queue):
+        print(f"invalid queue name {queue!r}", file=sys.stderr)
+        return 1
+    for name in listQueues(dataDir) if queue is None else [queue]:
+        queueDir = os.path.join(dataDir, name)
+        counter = SegmentCounter(queueDir)
+        found[name] = {g: groupStatus(counter, g, now) for g in listCheckpoints(queueDir)}
+    if asJSON:
+        print(json.dumps({"queues": found}, indent=2, sort_keys=True))
+        return 0
+    for name, groups in found.items():
+        for group, g in groups.items():
+            print(
+                f"{name} {group}: next seq {g['nextSeq']}, lag {g['lagItems']} items "
+                f"({g['lagBytes']} bytes, {g['lagSeconds']:.0f}s)"
+            )
+    return 0
+
+
+def _reset(args: argparse.Namespace) -> int:
+    position = resetGroup(args.dataDir, args.queue, args.group, args.to)
+    where = "the start" if position is None else f"seq {position.seq}"
+    print(f"group {args.group} of {args.queue} now reads from {where}")
     return 0
 
 
@@ -202,10 +273,76 @@ def _verify(dataDir: str, queue: Optional[str]) -> int:
     return 1 if failed else 0
 
 
+def _positiveInt(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return number
+
+
+def _consumerCommands(commands: Any) -> None:
+    consume = commands.add_parser(
+        "consume",
+        help="print a consumer group's next items and commit them",
+        description="Write the items of QUEUE after the cursor of consumer group NAME to "
+        "stdout, one JSON object per line, and move the cursor after each batch once it is "
+        "written and flushed. Killed at any point, the group resumes with at most the last "
+        "batch (--batch items) written again; never a gap. Damaged records are reported on "
+        "stderr and skipped.",
+    )
+    consume.add_argument("dataDir", metavar="DATA_DIR", help="the journal directory")
+    consume.add_argument("queue", metavar="QUEUE", help="the queue name")
+    consume.add_argument("--group", required=True, metavar="NAME", help="the consumer group")
+    consume.add_argument(
+        "--follow", action="store_true", help="wait for new items instead of exiting at the end"
+    )
+    consume.add_argument("--max", type=_positiveInt, metavar="N", help="stop after N items")
+    consume.add_argument(
+        "--from",
+        dest="start",
+        choices=("start", "end"),
+        default="start",
+        help="where a new group begins (default: start); an existing group resumes",
+    )
+    consume.add_argument(
+        "--batch", type=_positiveInt, default=1000, metavar="N", help="items per commit"
+    )
+    consume.add_argument(
+        "--interval", type=float, default=0.2, metavar="S", help="--follow polls every S seconds"
+    )
+    consume.add_argument(
+        "--envelope",
+        action="store_true",
+        help='write {"seq": N, "item": ITEM} lines, for consumers that deduplicate by seq',
+    )
+    groups = commands.add_parser(
+        "groups",
+        help="list consumer groups and their lag",
+        description="For every queue (or QUEUE): each consumer group (and the forwarder's "
+        "checkpoint) with the next sequence number it reads and its lag in items, bytes and "
+        "seconds.",
+    )
+    groups.add_argument("dataDir", metavar="DATA_DIR", help="the journal directory")
+    groups.add_argument("queue", metavar="QUEUE", nargs="?", help="only this queue")
+    groups.add_argument("--json", action="store_true", help="print JSON instead of text")
+    reset = commands.add_parser(
+        "reset",
+        help="move a consumer group's cursor",
+        description="Move the cursor of group NAME (creating the group) to the start of "
+        "QUEUE, its end, or the first item numbered SEQ or higher. Stop the group's "
+        "consumers first.",
+    )
+    reset.add_argument("dataDir", metavar="DATA_DIR", help="the journal directory")
+    reset.add_argument("queue", metavar="QUEUE", help="the queue name")
+    reset.add_argument("--group", required=True, metavar="NAME", help="the consumer group")
+    reset.add_argument("--to", required=True, metavar="start|end|SEQ", help="the new cursor")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mixingest.journal",
-        description="Inspect a mixingest journal. Read-only; safe while the daemon runs.",
+        description="Inspect a mixingest journal and consume it in consumer groups. Safe while "
+        "the daemon runs; only consume and reset write (a group's cursor).",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cat = commands.add_parser(
@@ -235,6 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     verify.add_argument("dataDir", metavar="DATA_DIR", help="the journal directory")
     verify.add_argument("queue", metavar="QUEUE", nargs="?", help="only this queue")
+    _consumerCommands(commands)
     args = parser.parse_args(argv)
 
     globalLogBeginner.beginLoggingTo(
@@ -246,6 +384,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _cat(args.dataDir, args.queue)
         if args.command == "verify":
             return _verify(args.dataDir, args.queue)
+        if args.command == "consume":
+            return _consume(args, sys.stdout.buffer)
+        if args.command == "groups":
+            return _groups(args.dataDir, args.queue, args.json)
+        if args.command == "reset":
+            return _reset(args)
         return _stats(args.dataDir, args.json)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,11 +42,15 @@ __all__ = [
     "Position",
     "SegmentCounter",
     "backlogAfter",
+    "checkpointTime",
+    "deleteCheckpoint",
     "deleteConsumedSegments",
     "highestCheckpointSeq",
     "listCheckpoints",
     "listQueues",
     "loadCheckpoint",
+    "registerCheckpoint",
+    "writeCheckpoint",
 ]
 
 log = Logger()
@@ -109,7 +113,8 @@ def _checkpointPath(queueDir: str, name: str) -> str:
 def loadCheckpoint(queueDir: str, name: str) -> Optional[Position]:
     """
     @return: the committed position of checkpoint C{name}, or C{None} if it
-        was never committed.
+        was never committed (no file, or one that L{registerCheckpoint}
+        wrote: read from the oldest segment).
     @raise ValueError: if the file is damaged.  Checkpoints are replaced by
         an atomic rename so this means outside interference; starting over
         silently could resend gigabytes, so it is left to an operator.
@@ -122,12 +127,75 @@ def loadCheckpoint(queueDir: str, name: str) -> Optional[Position]:
         return None
     try:
         fields = json.loads(data)
+        if fields is None:
+            return None
         position = Position(fields["segment"], fields["offset"], fields["seq"], fields["crc"])
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{path}: damaged checkpoint file {data[:100]!r}") from None
     if not all(isinstance(x, int) and x >= 0 for x in position):
         raise ValueError(f"{path}: damaged checkpoint file {data[:100]!r}")
     return position
+
+
+def writeCheckpoint(queueDir: str, name: str, position: Optional[Position]) -> None:
+    """
+    Durably replace checkpoint C{name} with C{position} (C{None}: registered,
+    nothing consumed yet).
+
+    The file is replaced atomically (temporary file, fsync, rename, fsync of
+    the directory), so a crash leaves the old or the new checkpoint, never a
+    mix.
+    """
+    path = _checkpointPath(queueDir, name)
+    tmp = path + ".tmp"
+    fields = None if position is None else position._asdict()
+    data = json.dumps(fields).encode("ascii") + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    syncDirectory(queueDir)
+
+
+def registerCheckpoint(queueDir: str, name: str) -> bool:
+    """
+    Create checkpoint C{name} with nothing consumed, unless it exists: from
+    then on, L{deleteConsumedSegments} keeps every segment until it moves.
+
+    @return: whether it was created.
+    """
+    if os.path.exists(_checkpointPath(queueDir, name)):
+        return False
+    writeCheckpoint(queueDir, name, None)
+    return True
+
+
+def deleteCheckpoint(queueDir: str, name: str) -> bool:
+    """
+    Remove checkpoint C{name}: segments are no longer kept for it.
+
+    @return: whether it existed.
+    """
+    try:
+        os.unlink(_checkpointPath(queueDir, name))
+    except FileNotFoundError:
+        return False
+    syncDirectory(queueDir)
+    return True
+
+
+def checkpointTime(queueDir: str, name: str) -> Optional[float]:
+    """
+    @return: when checkpoint C{name} was last written (POSIX time), or
+        C{None} if it does not exist.
+    """
+    try:
+        return os.stat(_checkpointPath(queueDir, name)).st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def highestCheckpointSeq(queueDir: str) -> int:
@@ -555,25 +623,12 @@ class JournalReader:
 
     def commit(self, position: Position) -> None:
         """
-        Durably record that everything up to C{position} is consumed.
-
-        The checkpoint file is replaced atomically (temporary file, fsync,
-        rename, fsync of the directory), so a crash leaves the old or the
-        new checkpoint, never a mix.
+        Durably record that everything up to C{position} is consumed (see
+        L{writeCheckpoint}).
         """
         if self.checkpointName is None:
             raise ValueError("this reader has no checkpoint to commit to")
-        path = _checkpointPath(self.queueDir, self.checkpointName)
-        tmp = path + ".tmp"
-        data = json.dumps(position._asdict()).encode("ascii") + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        syncDirectory(self.queueDir)
+        writeCheckpoint(self.queueDir, self.checkpointName, position)
         self.committed = position
 
     def backlog(self) -> Tuple[int, int]:

@@ -8,11 +8,13 @@ import contextlib
 import fcntl
 import os
 import secrets
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,14 +25,29 @@ from mixingest.journal.framing import Marker, checkFormats, listSegments, segmen
 from mixingest.journal.fsync import FsyncPolicy, defaultSync, syncDirectory
 from mixingest.journal.reader import (
     JournalReader,
+    SegmentCounter,
     deleteConsumedSegments,
     listCheckpoints,
     listQueues,
 )
+from mixingest.journal.retention import (
+    REFUSE,
+    QueueRetention,
+    RetentionPolicy,
+    enforce,
+    measureGroups,
+)
 from mixingest.journal.writer import DEFAULT_SEGMENT_SIZE, JournalWriter
 from mixingest.naming import validQueueName
 
-__all__ = ["AUTO_SHARE", "Journal", "JournalFull", "JournalLocked", "autoMaxBytes"]
+__all__ = [
+    "AUTO_SHARE",
+    "Journal",
+    "JournalFull",
+    "JournalLocked",
+    "RetentionExceeded",
+    "autoMaxBytes",
+]
 
 AUTO_SHARE = 0.9
 """
@@ -92,6 +109,14 @@ class JournalFull(QueueUnavailable):
     """
 
 
+class RetentionExceeded(QueueUnavailable):
+    """
+    The queue holds more than C{--retention-bytes} or C{--retention-age}
+    allow for a group that has not read it, under C{--retention-policy
+    refuse}: new events are refused until the group catches up.
+    """
+
+
 def autoMaxBytes(dataDir: str, used: int) -> int:
     """
     The default bound on the journal's size: L{AUTO_SHARE} of what it may
@@ -127,6 +152,8 @@ class Journal(Service):
         clock: Optional[IReactorTime] = None,
         sync: Callable[[int], None] = defaultSync,
         maxBytes: Optional[int] = None,
+        retention: Optional[RetentionPolicy] = None,
+        retentionInterval: float = 10.0,
     ) -> None:
         """
         @param policy: when an append counts as durable;
@@ -139,6 +166,11 @@ class Journal(Service):
         @param clock: for fsync intervals and write retries; C{reactor} by
             default.
         @param sync: makes segment data durable; tests replace it.
+        @param retention: journal-only mode: every C{retentionInterval}
+            seconds, delete the segments every group has passed and apply
+            these limits (see L{enforceRetention}); C{None} when the
+            store-and-forward service owns the journal and deletes what it
+            forwarded.
         """
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -156,6 +188,17 @@ class Journal(Service):
         self._maxBytes = maxBytes
         self.maxBytes = 0 if maxBytes is None else maxBytes
         self._bytesAtStart: Dict[str, int] = {}
+        self.retention = retention
+        self._retentionLoop: Optional[LoopingCall] = None
+        self._retentionInterval = retentionInterval
+        self._counters: Dict[str, SegmentCounter] = {}
+        self._statsPool: Optional[ThreadPool] = None
+        self._refusing: Dict[str, str] = {}
+        self.groups: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        """Each queue's groups' L{groupStatus}, as the last retention pass found them."""
+        self.droppedSegments = 0
+        self.droppedBytes = 0
+        self.expiredGroups = 0
         self.source = ""
         """
         This journal's durable identity (kept in C{DATA_DIR/journal-id}): a
@@ -200,6 +243,23 @@ class Journal(Service):
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mixingest-journal")
         self._pool.start()
         Service.startService(self)
+        if self.retention is not None:
+            self._statsPool = ThreadPool(minthreads=1, maxthreads=1, name="mixingest-journal-stats")
+            self._statsPool.start()
+            loop = self._retentionLoop = LoopingCall(self._retentionPass)
+            loop.clock = cast(IReactorTime, self._clock or self._reactor)
+            loop.start(self._retentionInterval, now=True)
+
+    def _retentionPass(self) -> Deferred[None]:
+        """
+        One periodic L{enforceRetention}: a failure is logged and the next
+        pass tries again.
+        """
+
+        def failed(f: Failure) -> None:
+            log.failure("journal retention pass failed", f)
+
+        return self.enforceRetention().addCallbacks(lambda _: None, failed)
 
     def _loadSource(self) -> str:
         """
@@ -231,6 +291,8 @@ class Journal(Service):
         thread and unlock.  Failures are logged: shutdown goes on.
         """
         Service.stopService(self)
+        if self._retentionLoop is not None and self._retentionLoop.running:
+            self._retentionLoop.stop()
         writers = list(self._writers.values())
         self._writers.clear()
         closed = DeferredList([w.close() for w in writers], consumeErrors=True)
@@ -244,6 +306,9 @@ class Journal(Service):
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+        if self._statsPool is not None:
+            self._statsPool.stop()
+            self._statsPool = None
         os.close(self._lockFD)
         self._lockFD = -1
 
@@ -263,6 +328,14 @@ class Journal(Service):
         """
         if not self.running or self._pool is None:
             return fail(QueueUnavailable("the journal is not running"))
+        refusing = self._refusing.get(queue)
+        if refusing:
+            return fail(
+                RetentionExceeded(
+                    f"queue {queue} holds {refusing} for a consumer group that has not read "
+                    "it (--retention-policy refuse); retry later"
+                )
+            )
         if self.full():
             return fail(
                 JournalFull(
@@ -328,6 +401,7 @@ class Journal(Service):
         return (
             bool(self.running)
             and not self.full()
+            and not self._refusing
             and all(w.healthy for w in self._writers.values())
         )
 
@@ -343,7 +417,80 @@ class Journal(Service):
             "maxBytes": self.maxBytes,
             "full": size >= self.maxBytes,
             "queues": {name: w.status() for name, w in sorted(self._writers.items())},
+            "groups": self.groups,
+            "retention": None if self.retention is None else self._retentionStatus(),
         }
+
+    def _retentionStatus(self) -> Mapping[str, Any]:
+        assert self.retention is not None
+        return {
+            "maxBytes": self.retention.maxBytes,
+            "maxAge": self.retention.maxAge,
+            "policy": self.retention.policy,
+            "groupExpiry": self.retention.groupExpiry,
+            "refusing": dict(self._refusing),
+            "droppedSegments": self.droppedSegments,
+            "droppedBytes": self.droppedBytes,
+            "expiredGroups": self.expiredGroups,
+        }
+
+    def enforceRetention(self) -> Deferred[Dict[str, QueueRetention]]:
+        """
+        On the writer thread, for every queue: expire idle groups, delete
+        the segments that every group has passed and apply the retention
+        limits (see L{enforce}); then, on the reactor, refuse appends to the
+        queues over a limit under C{refuse}; then measure each group's lag
+        on a thread of its own (counting records reads segments, which
+        appends must not wait for) and publish it in L{status}.
+
+        @return: fires with each queue's L{QueueRetention} once the groups
+            are measured.
+        """
+        policy = self.retention
+        if policy is None:
+            return fail(ValueError("this journal has no retention policy"))
+        if self._pool is None or self._statsPool is None:
+            return fail(QueueUnavailable("the journal is not running"))
+        writers = dict(self._writers)
+        statsPool = self._statsPool
+
+        def run() -> Dict[str, QueueRetention]:
+            now = time.time()
+            results = {}
+            for queue in self.queues():
+                queueDir = os.path.join(self.dataDir, queue)
+                result = results[queue] = enforce(queueDir, policy, now)
+                writer = writers.get(queue)
+                if (result.consumed or result.dropped) and writer is not None:
+                    writer.files.recount()
+            return results
+
+        def measure(queues: List[str]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+            now = time.time()
+            groups = {}
+            for queue in queues:
+                queueDir = os.path.join(self.dataDir, queue)
+                counter = self._counters.setdefault(queue, SegmentCounter(queueDir))
+                found = measureGroups(counter, now)
+                if found:
+                    groups[queue] = found
+            return groups
+
+        def published(groups: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
+            self.groups = groups
+
+        def limit(results: Dict[str, QueueRetention]) -> Deferred[Dict[str, QueueRetention]]:
+            self._refusing = {
+                queue: r.over for queue, r in results.items() if r.over and policy.policy == REFUSE
+            }
+            for r in results.values():
+                self.droppedSegments += len(r.dropped)
+                self.droppedBytes += r.droppedBytes
+                self.expiredGroups += len(r.expired)
+            measured = deferToThreadPool(self._reactor, statsPool, measure, list(results))
+            return measured.addCallback(published).addCallback(lambda _: results)
+
+        return deferToThreadPool(self._reactor, self._pool, run).addCallback(limit)
 
     def queues(self) -> List[str]:
         """

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from bisect import bisect_left
 from typing import Callable, List, Optional, Sequence, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -78,6 +79,11 @@ RETRY_DELAY = 1.0
 """
 Seconds between attempts to write again after a write or fsync failed.
 """
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""
+Upper bounds, in seconds, of the fsync latency histogram: from an SSD's
+half millisecond to a stalled disk.
+"""
 
 
 class SegmentWriter:
@@ -93,6 +99,9 @@ class SegmentWriter:
     @ivar fsyncs: segment fsyncs attempted.
     @ivar fsyncFailures: how many of them failed.
     @ivar lastFsyncSeconds: how long the last one took; C{None} before one.
+    @ivar fsyncBuckets: fsyncs by duration, one count per bound of
+        L{FSYNC_BUCKETS} and one past the last (not cumulative), and
+        C{fsyncSecondsTotal} their sum: C{/metrics}' histogram.
     """
 
     def __init__(
@@ -122,6 +131,8 @@ class SegmentWriter:
         self.fsyncs = 0
         self.fsyncFailures = 0
         self.lastFsyncSeconds: Optional[float] = None
+        self.fsyncBuckets = [0] * (len(FSYNC_BUCKETS) + 1)
+        self.fsyncSecondsTotal = 0.0
 
     def commit(self, items: Sequence[bytes], sync: bool, markers: bool = True) -> None:
         """
@@ -284,7 +295,9 @@ class SegmentWriter:
             self.fsyncFailures += 1
             raise
         finally:
-            self.lastFsyncSeconds = time.perf_counter() - started
+            took = self.lastFsyncSeconds = time.perf_counter() - started
+            self.fsyncBuckets[bisect_left(FSYNC_BUCKETS, took)] += 1
+            self.fsyncSecondsTotal += took
         self._dirty = False
 
     def _write(self, data: bytes | bytearray) -> None:
@@ -480,6 +493,8 @@ class JournalWriter:
             "fsyncs": files.fsyncs,
             "fsyncFailures": files.fsyncFailures,
             "lastFsyncSeconds": files.lastFsyncSeconds,
+            "fsyncBuckets": list(files.fsyncBuckets),
+            "fsyncSecondsTotal": files.fsyncSecondsTotal,
         }
 
     def _unavailable(self) -> QueueUnavailable:

@@ -175,6 +175,19 @@ class SDKDaemon(NamedTuple):
         return found
 
 
+def geoipArguments() -> List[str]:
+    """
+    C{--geoip} with the GeoLite2 City database of PyPI's
+    C{maxminddb-geolite2} (a test extra), and C{--keep-ip} so that the
+    addresses the SDKs send are still seen; nothing without the package.
+    """
+    try:
+        from _maxminddb_geolite2 import geolite2_database
+    except ImportError:
+        return []
+    return [f"--geoip={geolite2_database()}", "--keep-ip"]
+
+
 def startDaemon(directory: Path, certificate: Certificate, sslPort: int) -> SDKDaemon:
     secrets = directory / "secrets.json"
     secrets.write_text(json.dumps({IMPORT_TOKEN: SECRET}))
@@ -183,6 +196,7 @@ def startDaemon(directory: Path, certificate: Certificate, sslPort: int) -> SDKD
         f"--listen=ssl:{sslPort}:privateKey={certificate.key}:certKey={certificate.cert}"
         ":interface=127.0.0.1",
         f"--import-secrets={secrets}",
+        *geoipArguments(),
     ).start()
     return SDKDaemon(daemon, sslPort)
 

@@ -141,6 +141,35 @@ def test_everyCallOverHTTP(sdk: Any, mixingest: SDKDaemon, token: str) -> None:
     checkEveryCall(mixingest, token, everyCall(sdk.Mixpanel(token, consumer=consumer), token))
 
 
+def test_geolocation(sdk: Any, mixingest: SDKDaemon, token: str) -> None:
+    """
+    Server-side code gives its user's address as the C{ip} property (the
+    SDK sends C{ip=0}): with C{--geoip} the event arrives located, as from
+    Mixpanel, and a profile C{$set} with C{$ip} too.
+    """
+    if not any(a.startswith("--geoip=") for a in mixingest.daemon.args):
+        pytest.skip("maxminddb-geolite2 (a test extra) is not installed")
+    consumer = sdk.Consumer(
+        events_url=mixingest.http + "/track",
+        people_url=mixingest.http + "/engage",
+        retry_limit=0,
+        request_timeout=10,
+    )
+    mp = sdk.Mixpanel(token, consumer=consumer)
+    mp.track("u-1", "Located", {"ip": "81.2.69.142"})
+    mp.people_set("u-1", {"plan": "pro"}, meta={"$ip": "89.160.20.112"})
+    (event,) = mixingest.waitFor("events", token, 1)
+    props = event["properties"]
+    assert (props["$city"], props["$region"], props["mp_country_code"]) == (
+        "Willesden",
+        "England",
+        "GB",
+    )
+    (update,) = mixingest.waitFor("people", token, 1)
+    assert update["$set"]["$country_code"] == "SE"
+    assert "mp_country_code" not in update["$set"]
+
+
 def test_everyCallOverHTTPS(
     sdk: Any, mixingest: SDKDaemon, certificate: Certificate, token: str
 ) -> None:

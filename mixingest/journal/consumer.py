@@ -1,0 +1,310 @@
+"""
+Consumer groups: independent readers of one journal queue, each resuming
+from its own durable cursor.
+
+A group's cursor is a checkpoint of the queue (C{DATA_DIR/QUEUE/checkpoint.GROUP},
+the same file format and code as the forwarder's), so retention keeps every
+segment until all groups have passed it.  Blocking file I/O throughout: use
+it from a thread or a separate process, never on a reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from mixingest.journal.framing import HEADER_SIZE, listSegments, segmentPath
+from mixingest.journal.fsync import syncDirectory
+from mixingest.journal.reader import (
+    JournalReader,
+    Position,
+    SegmentCounter,
+    backlogAfter,
+    checkpointTime,
+    loadCheckpoint,
+    registerCheckpoint,
+    writeCheckpoint,
+)
+from mixingest.naming import validQueueName
+
+__all__ = [
+    "FORWARDER_GROUP",
+    "HEARTBEAT",
+    "Consumer",
+    "Record",
+    "endPosition",
+    "groupStatus",
+    "positionBefore",
+    "resetGroup",
+]
+
+FORWARDER_GROUP = "forwarder"
+"""The checkpoint of the store-and-forward service: not a consumer group."""
+
+HEARTBEAT = 60.0
+"""
+Seconds after which an idle consumer rewrites its cursor unchanged, so that
+C{--group-expiry} tells a live consumer that has nothing to read from one that
+is gone.
+"""
+
+
+class Record(NamedTuple):
+    """
+    One item of a queue, as a L{Consumer} returns it.
+
+    @ivar seq: its sequence number: increasing, unique in the queue, with
+        gaps only where the journal skipped damage or lost unsynced data.
+    @ivar position: just after it: L{Consumer.commit} this once the item,
+        and every one before it, is processed.
+    @ivar payload: the item as the daemon stored it (one JSON object).
+    """
+
+    seq: int
+    position: Position
+    payload: bytes
+
+
+def _checkGroup(group: str) -> None:
+    if not validQueueName(group):
+        raise ValueError(f"invalid group name {group!r}")
+    if group == FORWARDER_GROUP:
+        raise ValueError(f"{FORWARDER_GROUP!r} is reserved for the store-and-forward service")
+
+
+def _segmentStart(base: int) -> Position:
+    return Position(base, HEADER_SIZE, base)
+
+
+def endPosition(queueDir: str) -> Optional[Position]:
+    """
+    @return: the position just after the last intact record of the queue
+        (C{None} when it has no segment): reading from it returns only what
+        is appended later.  Reads the newest segment once.
+    """
+    bases = listSegments(queueDir)
+    if not bases:
+        return None
+    with JournalReader(queueDir) as reader:
+        reader.seek(_segmentStart(bases[-1]))
+        while reader.read(10_000, 16 * 1024 * 1024, markers=True):
+            pass
+        return reader.position
+
+
+def positionBefore(queueDir: str, seq: int) -> Optional[Position]:
+    """
+    @return: the position from which reading returns the items numbered
+        C{seq} or higher; C{None} (the start) if C{seq} is older than every
+        segment, the end if no item has it yet.
+    """
+    bases = [base for base in listSegments(queueDir) if base <= seq]
+    if not bases:
+        return None
+    with JournalReader(queueDir) as reader:
+        previous = _segmentStart(bases[-1])
+        reader.seek(previous)
+        while True:
+            batch = reader.read(10_000, 16 * 1024 * 1024, markers=True)
+            if not batch:
+                return reader.position
+            for position, _ in batch:
+                if position.seq - 1 >= seq:
+                    return previous
+                previous = position
+
+
+def resetGroup(dataDir: str, queue: str, group: str, to: str) -> Optional[Position]:
+    """
+    Move a group's cursor (creating the group if needed).  Stop the group's
+    consumers first: a running one would commit over it.
+
+    @param to: C{"start"}, C{"end"} or a sequence number.
+    @return: the new cursor (C{None}: the start of the queue).
+    @raise ValueError: for a bad group, queue or C{to}.
+    """
+    _checkGroup(group)
+    queueDir = _queueDirectory(dataDir, queue)
+    if to == "start":
+        position = None
+    elif to == "end":
+        position = endPosition(queueDir)
+    elif to.isdigit():
+        position = positionBefore(queueDir, int(to))
+    else:
+        raise ValueError(f"reset to start, end or a sequence number, not {to!r}")
+    writeCheckpoint(queueDir, group, position)
+    return position
+
+
+def _queueDirectory(dataDir: str, queue: str) -> str:
+    """
+    @return: the directory of C{queue}, created (as the daemon would) if
+        missing, so that a group can register before the first event.
+    @raise FileNotFoundError: if C{dataDir} does not exist.
+    """
+    if not validQueueName(queue):
+        raise ValueError(f"invalid queue name {queue!r}")
+    if not os.path.isdir(dataDir):
+        raise FileNotFoundError(f"no journal directory {dataDir}")
+    queueDir = os.path.join(dataDir, queue)
+    try:
+        os.mkdir(queueDir, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        syncDirectory(dataDir)
+    return queueDir
+
+
+class Consumer:
+    """
+    Reads a queue as a member of a consumer group: L{poll} returns the next
+    items after the group's cursor, L{commit} durably moves the cursor.
+
+    Delivery is at least once: after a crash, a consumer (of the same group)
+    opened again resumes after the last commit, so it sees again exactly the
+    items that were polled but not committed; never a gap.  One consumer per
+    group at a time: two would both read every item and commit over each
+    other.
+
+    @ivar group: the group name.
+    @ivar queueDir: the queue's directory.
+    """
+
+    def __init__(
+        self,
+        dataDir: str,
+        queue: str,
+        group: str,
+        start: str = "start",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """
+        @param start: where a group that does not exist yet begins:
+            C{"start"} (every item still in the queue) or C{"end"} (only
+            items appended from now on).  An existing group resumes at its
+            cursor whatever this says.
+        @raise ValueError: for a bad queue or group name (C{forwarder} is
+            reserved), or a damaged cursor file.
+        @raise FileNotFoundError: if C{dataDir} does not exist.
+        """
+        _checkGroup(group)
+        if start not in ("start", "end"):
+            raise ValueError(f"start must be 'start' or 'end', not {start!r}")
+        self.group = group
+        self.queueDir = _queueDirectory(dataDir, queue)
+        self._clock = clock
+        if start == "end" and checkpointTime(self.queueDir, group) is None:
+            writeCheckpoint(self.queueDir, group, endPosition(self.queueDir))
+        else:
+            registerCheckpoint(self.queueDir, group)
+        self._reader = JournalReader(self.queueDir, group)
+        self._written = clock()
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    @property
+    def committed(self) -> Optional[Position]:
+        """
+        The group's cursor as this consumer last read or wrote it.
+        """
+        return self._reader.committed
+
+    @property
+    def damagedRanges(self) -> int:
+        """
+        Damaged ranges skipped so far (each one is also logged at error).
+        """
+        return self._reader.damagedRanges
+
+    def poll(self, maxItems: int = 1000, maxBytes: int = 1024 * 1024) -> List[Record]:
+        """
+        Read the next items, without waiting: poll again later (a daemon
+        appending meanwhile is fine) when this returns nothing.
+
+        @param maxBytes: stop before the payloads add up to more, except
+            that one larger item is still returned alone.
+        """
+        batch = self._reader.read(maxItems, maxBytes)
+        if not batch and self._clock() - self._written >= HEARTBEAT:
+            writeCheckpoint(self.queueDir, self.group, self._reader.committed)
+            self._written = self._clock()
+        return [Record(position.seq - 1, position, payload) for position, payload in batch]
+
+    def commit(self, position: Optional[Position] = None) -> None:
+        """
+        Durably move the group's cursor (fsynced, atomically replaced).
+
+        @param position: the L{Record.position} of the last processed item;
+            by default, everything L{poll} returned so far (and any markers
+            or damage skipped after it).
+        """
+        if position is None:
+            position = self._reader.position
+            if position is None:
+                return
+        self._reader.commit(position)
+        self._written = self._clock()
+
+    def lag(self) -> Tuple[int, int]:
+        """
+        @return: C{(items, bytes)} in the queue after the group's cursor.
+        """
+        return self._reader.backlog()
+
+
+def _lagSeconds(
+    counter: SegmentCounter, position: Optional[Position], items: int, now: float
+) -> float:
+    """
+    How long ago the segment holding the group's next record was last
+    written: 0 when the group is caught up, and at most the age of its
+    oldest unread record (a lower bound, to the resolution of a segment).
+    """
+    if items == 0:
+        return 0.0
+    bases = listSegments(counter.queueDir)
+    if position is not None:
+        if counter.recordsFrom(position.segment, position.seq) == 0:
+            bases = [base for base in bases if base > position.segment]
+        else:
+            bases = [base for base in bases if base >= position.segment]
+    for base in bases:
+        try:
+            return max(0.0, now - os.stat(segmentPath(counter.queueDir, base)).st_mtime)
+        except FileNotFoundError:
+            continue
+    return 0.0
+
+
+def groupStatus(counter: SegmentCounter, group: str, now: float) -> Dict[str, object]:
+    """
+    A group's (or the forwarder's) cursor and lag in the queue that
+    C{counter} counts: C{position} (C{None} before its first commit),
+    C{nextSeq} (the least number it reads next), C{lagItems}, C{lagBytes},
+    C{lagSeconds} (see L{_lagSeconds}) and C{lastCommit} (POSIX time of the
+    last commit or heartbeat).
+
+    @raise ValueError: for a damaged cursor file.
+    """
+    position = loadCheckpoint(counter.queueDir, group)
+    items, size = backlogAfter(counter, position)
+    bases = listSegments(counter.queueDir)
+    nextSeq = position.seq if position is not None else bases[0] if bases else 0
+    return {
+        "position": None if position is None else position._asdict(),
+        "nextSeq": nextSeq,
+        "lagItems": items,
+        "lagBytes": size,
+        "lagSeconds": round(_lagSeconds(counter, position, items, now), 3),
+        "lastCommit": checkpointTime(counter.queueDir, group),
+    }

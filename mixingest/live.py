@@ -1,0 +1,420 @@
+# -*- test-case-name: tests.test_live -*-
+"""
+The live view's event tap: what the public API accepts, deduplicates and
+refuses, as it happens, for the C{/live} page on the admin listener.
+
+The API and the funnel call L{LiveTap}'s hooks only while L{LiveTap.active}
+is set, that is while a viewer is connected: with none, the feature costs
+one attribute check per request.  With viewers, each record is sampled
+(C{--live-sample}) into a bounded ring of Server-Sent-Events frames, encoded
+once and written to every viewer; per-second counts (not sampled) feed the
+page's chart.  A viewer whose connection cannot keep up gets a bounded queue
+of frames while its transport is paused, and is dropped when that overflows:
+ingestion never waits for a viewer and never buffers without bound for one.
+
+Privacy: only what the daemon stores is shown of an accepted record (the
+client address only when the daemon stored it); a refused record shows its
+field and message, never the request's parameters (C{api_key}) nor its
+headers (C{Authorization}).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from json.encoder import encode_basestring_ascii
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+__all__ = ["DEFAULT_LIVE_BUFFER", "DEFAULT_LIVE_SAMPLE", "LiveStream", "LiveTap", "reasonOf"]
+
+DEFAULT_LIVE_SAMPLE = 1.0
+DEFAULT_LIVE_BUFFER = 500
+"""Frames kept for new viewers and for reconnects with C{Last-Event-ID}."""
+VIEWER_QUEUE = 200
+"""Frames a paused viewer may owe before it is dropped."""
+MAX_VIEWERS = 16
+TICK_SECONDS = 1.0
+"""Seconds between count frames, which also keep idle connections alive."""
+MAX_RECORD_CHARS = 4000
+"""A refused record's JSON is cut to this, so that one huge record cannot fill a frame."""
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+"""
+Compact JSON, ASCII only; one encoder for all, since C{json.dumps} with
+arguments builds a new one per call.
+"""
+_quote = encode_basestring_ascii
+
+OUTCOMES = ("accepted", "deduplicated", "invalid", "rate_limited", "over_capacity", "unauthorised")
+
+
+def reasonOf(status: int) -> str:
+    """
+    The page's refusal category for a whole request refused with C{status}.
+    """
+    if status in (401, 403):
+        return "unauthorised"
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "over_capacity"
+    return "invalid"
+
+
+@implementer(IPushProducer)
+class Viewer:
+    """
+    One connected C{/live/stream}: writes frames while its transport takes
+    them, queues a bounded number while paused, and is dropped past that.
+    """
+
+    def __init__(self, tap: LiveTap, request: Request, maxQueue: int) -> None:
+        self.tap = tap
+        self.request = request
+        self.maxQueue = maxQueue
+        self.paused = False
+        self.pending: Deque[bytes] = deque()
+        self.closed = False
+
+    def send(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        if not self.paused:
+            self.request.write(frame)
+            return
+        if len(self.pending) >= self.maxQueue:
+            self.tap.dropped += 1
+            self.tap.log.info("dropping a live viewer that does not keep up")
+            self.close()
+            return
+        self.pending.append(frame)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while self.pending and not self.paused and not self.closed:
+            self.request.write(self.pending.popleft())
+
+    def stopProducing(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """
+        End the stream: the viewer is forgotten at once, and its connection
+        is aborted, since a stuck client would never read a clean close.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        self.tap.detach(self)
+        transport = getattr(self.request, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+
+class LiveTap:
+    """
+    The hooks' target and the viewers' source.  Reactor-owned.
+
+    @ivar active: whether any viewer is connected; the hooks check it first.
+    @ivar dropped: viewers dropped for not keeping up.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        sample: float = DEFAULT_LIVE_SAMPLE,
+        bufferSize: int = DEFAULT_LIVE_BUFFER,
+        viewerQueue: int = VIEWER_QUEUE,
+        maxViewers: int = MAX_VIEWERS,
+        chance: Callable[[], float] = random.random,
+    ) -> None:
+        """
+        @param sample: the share of records shown, in (0, 1].
+        @param chance: draws in [0, 1) for sampling (injected by tests).
+        """
+        self.clock = clock
+        self.sample = sample
+        self.viewerQueue = viewerQueue
+        self.maxViewers = maxViewers
+        self.chance = chance
+        self.active = False
+        self.dropped = 0
+        self.viewers: List[Viewer] = []
+        self.ring: Deque[Tuple[int, bytes]] = deque(maxlen=bufferSize)
+        self.lastId = 0
+        self.counts: Dict[Tuple[str, str, str], int] = {}
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = clock
+
+    def attach(self, request: Request, lastEventId: Optional[int]) -> Optional[Viewer]:
+        """
+        A new viewer on C{request}, sent first the buffered frames after
+        C{lastEventId} (all of them for a new viewer).
+
+        @return: the viewer, or L{None} when there are too many already.
+        """
+        if len(self.viewers) >= self.maxViewers:
+            return None
+        viewer = Viewer(self, request, self.viewerQueue)
+        request.registerProducer(viewer, True)
+        self.viewers.append(viewer)
+        if not self.active:
+            self.active = True
+            self._ticker.start(TICK_SECONDS, now=False)
+        after = -1 if lastEventId is None else lastEventId
+        viewer.send(b"retry: 2000\n\n")
+        for eventId, frame in self.ring:
+            if eventId > after:
+                viewer.send(frame)
+        return viewer
+
+    def detach(self, viewer: Viewer) -> None:
+        if viewer in self.viewers:
+            self.viewers.remove(viewer)
+        if not self.viewers and self.active:
+            self.active = False
+            self.counts.clear()
+            if self._ticker.running:
+                self._ticker.stop()
+
+    def stop(self) -> None:
+        """
+        Close every viewer (the admin listener stops).
+        """
+        for viewer in list(self.viewers):
+            viewer.close()
+
+    def _publish(self, document: Dict[str, Any]) -> None:
+        self.lastId += 1
+        document["id"] = self.lastId
+        data = _encode(document)
+        self._send(b"id: %d\nevent: record\ndata: %s\n\n" % (self.lastId, data.encode("ascii")))
+
+    def _send(self, frame: bytes) -> None:
+        self.ring.append((self.lastId, frame))
+        for viewer in self.viewers[:]:
+            viewer.send(frame)
+
+    def _count(self, token: str, endpoint: str, outcome: str, n: int = 1) -> None:
+        key = (token, endpoint, outcome)
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def _sampled(self) -> bool:
+        return self.sample >= 1.0 or self.chance() < self.sample
+
+    def _tick(self) -> None:
+        counts, self.counts = self.counts, {}
+        data = _encode(
+            {
+                "time": round(self.clock.seconds(), 3),
+                "counts": [[t, e, o, n] for (t, e, o), n in sorted(counts.items())],
+                "viewers": len(self.viewers),
+            }
+        )
+        frame = b"event: counts\ndata: %s\n\n" % data.encode("utf-8")
+        for viewer in list(self.viewers):
+            viewer.send(frame)
+
+    # The hooks, called only while active.
+
+    def accepted(self, endpoint: str, groups: Iterable[Tuple[str, Sequence[bytes], Any]]) -> None:
+        """
+        Records stored: each group is a token and its stored payloads.
+        """
+        now = round(self.clock.seconds(), 3)
+        sample, chance = self.sample, self.chance
+        for token, payloads, _ in groups:
+            self._count(token, endpoint, "accepted", len(payloads))
+            head = _head("accepted", now, token, endpoint)
+            frames = []
+            eventId = self.lastId
+            for payload in payloads:
+                if sample < 1.0 and chance() >= sample:
+                    continue
+                eventId += 1
+                # The stored item is JSON already: it goes into the frame as
+                # it is, not decoded and encoded again.
+                frames.append(
+                    (
+                        eventId,
+                        b'id: %d\nevent: record\ndata: %s,"id":%d,"item":%s}\n\n'
+                        % (eventId, head, eventId, payload),
+                    )
+                )
+            self._sendFrames(eventId, frames)
+
+    def stored(
+        self, result: None, endpoint: str, groups: Iterable[Tuple[str, Sequence[bytes], Any]]
+    ) -> None:
+        """
+        A write's callback: show its records once stored.
+        """
+        self.accepted(endpoint, groups)
+
+    def deduplicated(self, endpoint: str, tokens: Iterable[str]) -> None:
+        """
+        Records answered without storing: their C{$insert_id} was stored
+        recently.
+        """
+        now = round(self.clock.seconds(), 3)
+        sample, chance = self.sample, self.chance
+        heads: Dict[str, bytes] = {}
+        frames = []
+        eventId = self.lastId
+        for token in tokens:
+            self._count(token, endpoint, "deduplicated")
+            if sample < 1.0 and chance() >= sample:
+                continue
+            head = heads.get(token)
+            if head is None:
+                head = heads[token] = _head("deduplicated", now, token, endpoint)
+            eventId += 1
+            frame = b'id: %d\nevent: record\ndata: %s,"id":%d}\n\n' % (eventId, head, eventId)
+            frames.append((eventId, frame))
+        self._sendFrames(eventId, frames)
+
+    def _sendFrames(self, lastId: int, frames: List[Tuple[int, bytes]]) -> None:
+        """
+        Buffer C{frames} and write them to every viewer, in one write each.
+        """
+        if not frames:
+            return
+        self.lastId = lastId
+        self.ring.extend(frames)
+        data = b"".join(frame for _, frame in frames)
+        for viewer in self.viewers[:]:
+            viewer.send(data)
+
+    def refused(
+        self,
+        endpoint: str,
+        status: int,
+        reason: str,
+        failures: Iterable[Tuple[str, str, str, Any]],
+    ) -> None:
+        """
+        Records refused: each failure is its token (C{""} when unknown), the
+        field at fault, the API's message and the record as received (or
+        L{None} when the request could not be decoded).
+
+        @param status: the HTTP status of the answer.
+        @param reason: one of L{OUTCOMES}' refusal categories.
+        """
+        now = round(self.clock.seconds(), 3)
+        for token, field, message, record in failures:
+            self._count(token, endpoint, reason)
+            if self._sampled():
+                self._publish(
+                    {
+                        "kind": "refused",
+                        "time": now,
+                        "token": token,
+                        "endpoint": endpoint,
+                        "status": status,
+                        "reason": reason,
+                        "field": field,
+                        "message": message,
+                        "record": _recordText(record),
+                    }
+                )
+
+
+def _head(kind: str, now: float, token: str, endpoint: str) -> bytes:
+    """
+    The start of a record frame's JSON object, formatted by hand: a JSON
+    encoder's call costs more than the rest of a record's frame.
+    """
+    return b'{"kind":"%s","time":%r,"token":%s,"endpoint":%s,"status":200' % (
+        kind.encode("ascii"),
+        now,
+        _quote(token).encode("ascii"),
+        _quote(endpoint).encode("ascii"),
+    )
+
+
+def _recordText(record: Any) -> Optional[str]:
+    if record is None:
+        return None
+    text = json.dumps(record, ensure_ascii=False, default=str)
+    return text if len(text) <= MAX_RECORD_CHARS else text[:MAX_RECORD_CHARS] + "…"
+
+
+def tokenOf(record: Any) -> str:
+    """
+    The project token of a record as received, or C{""}.
+    """
+    if not isinstance(record, dict):
+        return ""
+    props = record.get("properties")
+    token = props.get("token") if isinstance(props, dict) else None
+    if token is None:
+        token = record.get("$token")
+    return token if isinstance(token, str) else ""
+
+
+class LiveStream(Resource):
+    """
+    C{GET /live/stream}: the tap's frames as C{text/event-stream}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, tap: LiveTap) -> None:
+        super().__init__()
+        self.tap = tap
+
+    def render_GET(self, request: Request) -> Any:
+        lastEventId = _lastEventId(request)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        viewer = self.tap.attach(request, lastEventId)
+        if viewer is None:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.setHeader(b"retry-after", b"10")
+            return b"too many live viewers\n"
+        finished: Deferred[None] = request.notifyFinish()
+        finished.addBoth(_forget, viewer)
+        return NOT_DONE_YET
+
+
+def _forget(result: object, viewer: Viewer) -> None:
+    """
+    The viewer's connection is gone (closed by the browser, or dropped).
+    """
+    viewer.closed = True
+    viewer.tap.detach(viewer)
+
+
+def _lastEventId(request: Request) -> Optional[int]:
+    """
+    The C{Last-Event-ID} a reconnecting browser sends (or C{lastEventId} in
+    the query, for clients that cannot set headers).
+    """
+    raw = request.getHeader(b"last-event-id")
+    if raw is None:
+        args = getattr(request, "args", {}) or {}
+        values = args.get(b"lastEventId")
+        raw = values[0].decode("latin-1") if values else None
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        return None
