@@ -34,7 +34,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-__all__ = ["DEFAULT_LIVE_BUFFER", "DEFAULT_LIVE_SAMPLE", "LiveStream", "LiveTap", "reasonOf"]
+__all__ = [
+    "DEFAULT_LIVE_BUFFER",
+    "DEFAULT_LIVE_SAMPLE",
+    "LiveStream",
+    "LiveTap",
+    "Viewer",
+    "reasonOf",
+    "tokenOf",
+]
 
 DEFAULT_LIVE_SAMPLE = 1.0
 DEFAULT_LIVE_BUFFER = 500

@@ -28,6 +28,7 @@ from mixingest.httpsite import (
     IngestChannel,
     redactedLogFormatter,
 )
+from mixingest.live import LiveTap
 
 MAX_BODY = 4096
 IDLE = 60.0
@@ -37,6 +38,7 @@ EVENT = b'{"event":"e","properties":{"token":"t"}}'
 class StubFunnel:
     def __init__(self) -> None:
         self.stored: List[Tuple[str, bytes]] = []
+        self.live = LiveTap(Clock())
 
     def store(self, kind: str, items: Sequence[CleanItem]) -> Deferred[None]:
         self.stored.extend((kind, i.payload) for i in items)

@@ -16,6 +16,7 @@ from mixingest.journal.framing import HEADER_SIZE, RECORD_HEADER_SIZE, listSegme
 from mixingest.journal.fsync import FsyncPolicy
 from mixingest.journal.reader import JournalReader
 from mixingest.journal.writer import SegmentWriter
+from tests.damage import flip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,14 +120,6 @@ def test_help():
     assert b"cat" in result.stdout and b"stats" in result.stdout and b"verify" in result.stdout
     assert b"one JSON object per line" in run("cat", "--help").stdout
     assert run().returncode == 2
-
-
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x20]))
 
 
 def recordOffset(n: int) -> int:

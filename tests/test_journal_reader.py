@@ -32,6 +32,7 @@ from mixingest.journal.reader import (
     loadCheckpoint,
 )
 from mixingest.journal.writer import SegmentWriter
+from tests.damage import flip
 
 RECORD = RECORD_HEADER_SIZE + 16
 
@@ -182,14 +183,6 @@ def test_concurrentWriter(tmp_path, logged):
     assert len(listSegments(str(q))) > 10
     assert reader.backlog() == (0, 0)
     assert logged == []
-
-
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x20]))
 
 
 def damageEvents(logged):

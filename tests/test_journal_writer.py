@@ -33,6 +33,7 @@ from mixingest.journal.framing import (
 from mixingest.journal.reader import JournalReader, Position
 from mixingest.journal.writer import RETRY_DELAY, SegmentWriter
 from mixingest.queues.base import EventQueue
+from tests.damage import flip
 
 
 def item(n: int) -> bytes:
@@ -123,8 +124,13 @@ def test_appendAndReadBack(started, tmp_path):
         "fsyncs": 2,
         "fsyncFailures": 0,
         "lastFsyncSeconds": status["queues"]["q"]["lastFsyncSeconds"],
+        "fsyncBuckets": status["queues"]["q"]["fsyncBuckets"],
+        "fsyncSecondsTotal": status["queues"]["q"]["fsyncSecondsTotal"],
     }
     assert isinstance(status["queues"]["q"]["lastFsyncSeconds"], float)
+    # Each fsync is observed once, in the histogram /metrics exposes.
+    assert sum(status["queues"]["q"]["fsyncBuckets"]) == 2
+    assert status["queues"]["q"]["fsyncSecondsTotal"] >= status["queues"]["q"]["lastFsyncSeconds"]
     assert os.listdir(tmp_path / "q") == ["00000000000000000000.seg"]
 
 
@@ -435,14 +441,6 @@ def test_deleteConsumed(started, tmp_path):
     assert reader.backlog() == (2, 2 * record)
     yield journal.stopService()
     assert [p for _, p in journal.reader("q", "fwd")] == [item(5), item(6)]
-
-
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x20]))
 
 
 # Offsets in a record: sync marker, kind and length, sequence number,

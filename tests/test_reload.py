@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
@@ -277,19 +278,21 @@ def basic(secret: str) -> Dict[str, str]:
     }
 
 
-IMPORTED = json.dumps(
-    [
-        {
-            "event": "i",
-            "properties": {
-                "token": "tok",
-                "distinct_id": "u",
-                "time": int(time.time()),
-                "$insert_id": "reload-1",
-            },
-        }
-    ]
-).encode()
+def imported() -> bytes:
+    """
+    An /import body of one event, with an C{$insert_id} of its own: each
+    one is stored, none is taken for a retry of another.
+    """
+    event = {
+        "event": "i",
+        "properties": {
+            "token": "tok",
+            "distinct_id": "u",
+            "time": int(time.time()),
+            "$insert_id": uuid.uuid4().hex,
+        },
+    }
+    return json.dumps([event]).encode()
 
 
 class Load:
@@ -351,7 +354,7 @@ def test_sighupUnderLoad(tmp_path: Path) -> None:
     assert process is not None
 
     def imports(secret: str) -> int:
-        return daemon.request("/import", IMPORTED, basic(secret))[0]
+        return daemon.request("/import", imported(), basic(secret))[0]
 
     try:
         with Load(daemon) as load:
@@ -410,7 +413,7 @@ def test_sighupReachesTheWorkers(tmp_path: Path) -> None:
             "both workers reloading",
         )
         for _ in range(4):  # the kernel spreads connections over both workers
-            assert daemon.request("/import", IMPORTED, basic("s2"))[0] == 200
+            assert daemon.request("/import", imported(), basic("s2"))[0] == 200
         assert process.poll() is None
         assert "restart" not in daemon.log()
         daemon.terminate()

@@ -45,6 +45,7 @@ __all__ = [
     "checkpointTime",
     "deleteCheckpoint",
     "deleteConsumedSegments",
+    "deleteSegmentsBefore",
     "highestCheckpointSeq",
     "listCheckpoints",
     "listQueues",
@@ -325,6 +326,22 @@ def backlogAfter(counter: SegmentCounter, position: Optional[Position]) -> Tuple
     return records, size
 
 
+def deleteSegmentsBefore(queueDir: str, floor: int) -> List[int]:
+    """
+    Delete, durably, the segments of C{queueDir} whose first record is
+    before C{floor}, but never the newest: the writer may be appending to it.
+
+    @return: the base sequence numbers of the deleted segments.
+    """
+    deleted = [base for base in listSegments(queueDir)[:-1] if base < floor]
+    for base in deleted:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(segmentPath(queueDir, base))
+    if deleted:
+        syncDirectory(queueDir)
+    return deleted
+
+
 def deleteConsumedSegments(queueDir: str) -> List[int]:
     """
     Delete the segments that every checkpoint has read past.
@@ -340,12 +357,8 @@ def deleteConsumedSegments(queueDir: str) -> List[int]:
     if not positions or None in positions:
         return []
     floor = min(p.segment for p in positions if p is not None)
-    deleted = [base for base in listSegments(queueDir)[:-1] if base < floor]
-    for base in deleted:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(segmentPath(queueDir, base))
+    deleted = deleteSegmentsBefore(queueDir, floor)
     if deleted:
-        syncDirectory(queueDir)
         log.info(
             "journal {queueDir}: deleted {count} consumed segments",
             queueDir=queueDir,

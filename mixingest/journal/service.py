@@ -27,6 +27,7 @@ from mixingest.journal.reader import (
     JournalReader,
     SegmentCounter,
     deleteConsumedSegments,
+    deleteSegmentsBefore,
     listCheckpoints,
     listQueues,
 )
@@ -550,12 +551,8 @@ class Journal(Service):
         def delete() -> List[int]:
             if set(listCheckpoints(queueDir)) - {owner}:
                 return []
-            deleted = [base for base in listSegments(queueDir)[:-1] if base < segment]
-            for base in deleted:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(segmentPath(queueDir, base))
+            deleted = deleteSegmentsBefore(queueDir, segment)
             if deleted:
-                syncDirectory(queueDir)
                 if writer is not None:
                     writer.files.recount()
                 log.warn(
