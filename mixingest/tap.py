@@ -2,12 +2,18 @@
 C{twistd mixingest}: build the daemon's service tree from its options.
 
 The tree, in start order (it stops in reverse, one child at a time): the
-queue (the journal, or a remote queue whose store-and-forward service owns
-the journal), the admin listener (stopped after the drain, so C{/readyz} and
-C{/stats} answer during it), the funnel, one listening endpoint per
-C{--listen}, and L{FrozenHeap}.  With C{--workers N} (N > 1) the tree is
-only a L{WorkerSupervisor<mixingest.workers.WorkerSupervisor>}: each worker
-it starts builds the tree above, on listening sockets it inherits.
+systemd watchdog (when asked for); the queue (the journal, or a remote
+queue whose store-and-forward service owns the journal); the forwarder of
+orphaned C{worker-K} journals; the admin listener (stopped after the drain,
+so C{/readyz} and C{/stats} answer during it); the funnel; the GeoIP file
+watcher (C{--geoip}); one listening endpoint per C{--listen};
+L{FrozenHeap}; L{ShutdownGrace<mixingest.lifecycle.ShutdownGrace>} (on
+SIGTERM, C{/readyz} turns 503 while everything still serves); then SIGHUP
+handling and the service manager's READY/STOPPING notices.  With
+C{--workers N} (N > 1) the tree is only the watchdog, the orphans'
+forwarder and a L{WorkerSupervisor<mixingest.workers.WorkerSupervisor>}:
+each worker it starts builds the tree above, on listening sockets it
+inherits.
 """
 
 from __future__ import annotations
