@@ -15,7 +15,6 @@ and every setting they replace is reactor-owned.
 
 from __future__ import annotations
 
-import json
 import signal
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
 
@@ -25,6 +24,7 @@ from twisted.python.logfile import BaseLogFile
 
 from mixingest.naming import validQueueName
 from mixingest.ratelimit import RateLimiter
+from mixingest.settingsfile import readJSONFile
 from mixingest.systemd import Notifier, monotonicUsec
 
 __all__ = [
@@ -158,18 +158,14 @@ class ReloadOnSignal(Service):
         self._reactor.callFromThread(self._reload)
 
 
-def readJSONObject(path: str, what: str) -> Dict[str, Any]:
+def readJSONObject(path: str, option: str, what: str) -> Dict[str, Any]:
     """
-    The JSON object in file C{path}.
+    The JSON object in the file C{path}, which C{option} names.
 
     @param what: what the object maps, for the error message.
-    @raise ValueError: the file is not a JSON object.
+    @raise ValueError: the file cannot be read or is not a JSON object.
     """
-    with open(path, "rb") as f:
-        try:
-            document = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    document = readJSONFile(path, option, private=False)
     if not isinstance(document, dict):
         raise ValueError(f"{path} must hold a JSON object of {what}")
     return document
@@ -191,7 +187,7 @@ class RoutesFile:
         self._base = dict(base)
 
     def reload(self) -> None:
-        routes = readJSONObject(self.path, "project token to queue name")
+        routes = readJSONObject(self.path, "--routes-file", "project token to queue name")
         for token, queue in routes.items():
             if not token or not isinstance(queue, str) or not validQueueName(queue):
                 raise ValueError(
@@ -232,7 +228,7 @@ class LimitsFile:
         self._defaults = {"rate_limit": rate, "global_rate_limit": globalRate}
 
     def reload(self) -> None:
-        limits = readJSONObject(self.path, "limit name to value")
+        limits = readJSONObject(self.path, "--limits-file", "limit name to value")
         unknown = set(limits) - set(self.KEYS)
         if unknown:
             raise ValueError(f"{self.path}: unknown limits {sorted(unknown)}")

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_tokens -*-
 """
 Reading the small JSON files an operator points the daemon at (C{--tokens},
-C{--import-secrets}), at start and again on SIGHUP.
+C{--import-secrets}, C{--routes-file}, C{--limits-file}), at start and
+again on SIGHUP.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from mixingest.secretfiles import warnIfExposed
 __all__ = ["readJSONFile"]
 
 
-def readJSONFile(path: str, what: str) -> Any:
+def readJSONFile(path: str, what: str, private: bool = True) -> Any:
     """
-    Read and parse a whole JSON file, warning when users other than its
-    owner may read it: it may hold secrets, and a tokens file says which
-    projects exist.
+    Read and parse a whole JSON file; if C{private}, warn when users other
+    than its owner may read it: it may hold secrets, and a tokens file says
+    which projects exist.
 
     This blocks, which is fine for a file of a few KB read at start or on
     SIGHUP, and nowhere else.
@@ -31,7 +32,8 @@ def readJSONFile(path: str, what: str) -> Any:
     try:
         with open(path, "rb") as f:
             text = f.read()
-        warnIfExposed(path, what)
+        if private:
+            warnIfExposed(path, what)
     except OSError as e:
         raise ValueError(f"cannot read the {what} file {path!r}: {e.strerror}") from None
     try:

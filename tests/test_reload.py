@@ -114,7 +114,7 @@ def test_routesFile(tmp_path: Path) -> None:
             routes.reload()
         assert funnel.routes == {"a": "qa", "b": "qb2", "c": "qc"}
     path.unlink()
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="cannot read the --routes-file file"):
         routes.reload()
     assert funnel.routes == {"a": "qa", "b": "qb2", "c": "qc"}
 
