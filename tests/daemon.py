@@ -127,6 +127,7 @@ class Daemon:
                 )
             try:
                 waitForPort(self.port, self.process)
+                self._waitUntilServing()
                 return self
             except RuntimeError as e:
                 log = self.log()
@@ -139,6 +140,29 @@ class Daemon:
             self.adminPort = freePort()
             for name in (self.logFile, self.directory / "output.log"):
                 name.unlink(missing_ok=True)
+
+    def _waitUntilServing(self) -> None:
+        """
+        Wait until the admin listener answers HTTP: the reactor then runs, so
+        twistd has installed its signal handlers.  Listening alone is not
+        enough: services start (and bind) before the reactor runs, and a
+        SIGTERM in between kills the daemon without its graceful stop.  Not
+        for a daemon whose admin listener the test moved, nor for the parent
+        of C{--workers}, which has none.
+        """
+        if any(arg.startswith(("--admin-listen", "--workers")) for arg in self.args):
+            return
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode} while starting")
+            try:
+                self.admin("/healthz", timeout=1.0)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the admin listener did not answer within {START_TIMEOUT}s")
 
     def log(self) -> str:
         """
