@@ -105,6 +105,12 @@ async function settle(page) {
     const first = live.locator("#accepted tbody td.record").first();
     await first.click();
     out.expanded = await first.textContent();
+    // It stays open while the stream goes on (a counts frame every second).
+    await sleep(1500);
+    out.expandedAfterFrame = await live.evaluate(() => {
+      const td = document.querySelector("#accepted tbody td.record");
+      return td.dataset.open === "1" && td.textContent.includes("\n  ");
+    });
 
     await live.selectOption("#token", config.filterToken);
     await settle(live);

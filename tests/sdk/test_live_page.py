@@ -130,6 +130,7 @@ def test_acceptedRecordsAppear(seen: Dict[str, Any]) -> None:
     item = json.loads(sdk["cells"][3])
     assert item["event"] == "Immediate" and item["properties"]["mp_lib"] == "web"
     assert "\n  " in seen["expanded"], "a click pretty-prints the item"
+    assert seen["expandedAfterFrame"], "an expanded record stays open as updates arrive"
 
 
 def test_refusedRecordsShowFieldMessageStatusReason(seen: Dict[str, Any]) -> None:
