@@ -326,11 +326,46 @@ def forwardingMetrics(status: Mapping[str, Any]) -> Iterator[Metric]:
         diverted.add_metric([name], int(name in divertedQueues))
     yield from (backlog, diverted)
     forwarder = status["forwarder"]
-    yield CounterMetricFamily(
-        "mixingest_forwarding_forwarded_events",
-        "Journaled events forwarded to the remote queue.",
-        value=forwarder["forwarded"],
-    )
+    for key, family in (
+        (
+            "forwarded",
+            CounterMetricFamily(
+                "mixingest_forwarding_forwarded_events",
+                "Journaled events forwarded to the remote queue, by queue.",
+                labels=["queue"],
+            ),
+        ),
+        (
+            "failed",
+            CounterMetricFamily(
+                "mixingest_forwarding_failed_events",
+                "Events in forwarding attempts the remote refused or did not answer, by "
+                "queue (they stay journaled; counted again at each retry).",
+                labels=["queue"],
+            ),
+        ),
+        (
+            "journaled",
+            CounterMetricFamily(
+                "mixingest_forwarding_journaled_events",
+                "Events journaled instead of put to the remote (it failed, or the queue "
+                "was diverted), by queue.",
+                labels=["queue"],
+            ),
+        ),
+        (
+            "lagSeconds",
+            GaugeMetricFamily(
+                "mixingest_forwarding_lag_seconds",
+                "Age of the oldest event waiting in the journal to be forwarded, by queue "
+                "(0 when none waits).",
+                labels=["queue"],
+            ),
+        ),
+    ):
+        for name, figures in sorted(forwarder.get("queues", {}).items()):
+            family.add_metric([name], figures[key])
+        yield family
     yield GaugeMetricFamily(
         "mixingest_forwarding_consecutive_failures",
         "Forwarding attempts that failed since the last success (0 when forwarding works).",

@@ -174,6 +174,107 @@ async def test_backlogKeepsOrder(tmp_path: Path) -> None:
         await queue.stopService()
 
 
+class ShiftedClock:
+    """
+    The reactor's clock, C{shift} seconds ahead: time passes for the lag
+    without the test waiting for it.
+    """
+
+    def __init__(self) -> None:
+        self.shift = 0.0
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.shift
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+        return reactor.callLater(delay, f, *args, **kwargs)
+
+    def getDelayedCalls(self) -> Any:
+        return reactor.getDelayedCalls()
+
+
+def perQueue(queue: ForwardingQueue, name: str = "events") -> dict[str, float]:
+    return queue.status()["forwarder"]["queues"][name]
+
+
+@pytest_twisted.ensureDeferred
+async def test_perQueueTotalsAndLag(tmp_path: Path) -> None:
+    """
+    Per queue: what was journaled, what failed to forward and what was
+    forwarded; the lag is the age of the oldest event not yet forwarded,
+    and it moves to the next oldest as batches are acknowledged.
+    """
+    remote = FakeRemote()
+    clock = ShiftedClock()
+    queue = ForwardingQueue(
+        remote,
+        makeJournal(tmp_path),
+        clock,
+        pollInterval=0.02,
+        backoff=lambda _: 0.02,
+        batchItems=5,
+    )
+    await started(queue)
+    first, second = Deferred[None](), Deferred[None]()
+    try:
+        remote.failing = True
+        await queue.put("events", items(b"n", 5))
+        clock.shift += 30
+        await queue.put("events", items(b"n", 5, 5))
+        assert 30 <= perQueue(queue)["lagSeconds"] < 35
+        assert perQueue(queue)["journaled"] == 10
+        # The remote says it is ready but refuses: attempts fail, counted.
+        remote.ready = lambda: True  # type: ignore[method-assign]
+        await waitUntil(lambda: perQueue(queue)["failed"] >= 10, what="failed attempts")
+        remote.hold = first
+        remote.failing = False
+        sent = len(remote.puts)
+        await waitUntil(lambda: len(remote.puts) > sent, what="the first batch sent")
+        assert remote.puts[-1][1] == items(b"n", 5)
+        remote.hold = second
+        first.callback(None)
+        await waitUntil(lambda: queue.status()["backlog"]["events"] == 5, what="the first ack")
+        assert perQueue(queue)["lagSeconds"] < 5, "the lag moved to the second put"
+        assert perQueue(queue)["forwarded"] == 5
+        remote.hold = None
+        second.callback(None)
+        await waitUntil(lambda: drained(queue), what="the rest forwarded")
+        assert perQueue(queue) == {
+            "forwarded": 10,
+            "failed": perQueue(queue)["failed"],
+            "journaled": 10,
+            "lagSeconds": 0.0,
+        }
+    finally:
+        for held in (first, second):
+            if not held.called:
+                held.callback(None)
+        await queue.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lagOfLeftoversDatesFromTheirSegment(tmp_path: Path) -> None:
+    """
+    After a restart, the lag of what an earlier run journaled counts from
+    when its segment was written, not from the restart.
+    """
+    remote = FakeRemote()
+    remote.failing = True
+    first = await started(makeForwarding(remote, makeJournal(tmp_path)))
+    await first.put("events", items(b"n", 3))
+    await first.stopService()
+    for name in os.listdir(tmp_path / "journal" / "events"):
+        if name.endswith(".seg"):
+            path = tmp_path / "journal" / "events" / name
+            old = path.stat().st_mtime - 600
+            os.utime(path, (old, old))
+    second = await started(makeForwarding(remote, makeJournal(tmp_path)))
+    try:
+        assert 600 <= perQueue(second)["lagSeconds"] < 700
+    finally:
+        await second.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_restartForwardsLeftovers(tmp_path: Path) -> None:
     """

@@ -58,6 +58,10 @@ FORWARDING: Dict[str, Any] = {
         "failures": 3,
         "checkpointFailures": 0,
         "uncommitted": [],
+        "queues": {
+            "events": {"forwarded": 7, "failed": 100, "journaled": 19, "lagSeconds": 42.5},
+            "people": {"forwarded": 0, "failed": 0, "journaled": 0, "lagSeconds": 0.0},
+        },
     },
     "diverted": ["events"],
     "backlog": {"events": 12, "people": 0},
@@ -188,7 +192,11 @@ def test_newFamilies() -> None:
     assert 'mixingest_forwarding_backlog_events{queue="events"} 12.0' in text
     assert 'mixingest_forwarding_diverted{queue="events"} 1.0' in text
     assert 'mixingest_forwarding_diverted{queue="people"} 0.0' in text
-    assert "mixingest_forwarding_forwarded_events_total 7.0" in text
+    assert 'mixingest_forwarding_forwarded_events_total{queue="events"} 7.0' in text
+    assert 'mixingest_forwarding_failed_events_total{queue="events"} 100.0' in text
+    assert 'mixingest_forwarding_journaled_events_total{queue="events"} 19.0' in text
+    assert 'mixingest_forwarding_lag_seconds{queue="events"} 42.5' in text
+    assert 'mixingest_forwarding_lag_seconds{queue="people"} 0.0' in text
     assert "mixingest_forwarding_consecutive_failures 3.0" in text
     assert "mixingest_remote_up 0.0" in text
     assert 'mixingest_early_refusals_total{code="408"} 1.0' in text

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 import pytest_twisted
+import txredisapi
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
@@ -20,8 +21,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mixingest.errors import QueueUnavailable
+from mixingest.queues import redis_scripts as scripts
 from mixingest.queues.base import EventQueue
-from mixingest.queues.redis import RedisQueue
+from mixingest.queues.redis import HEAD_CACHE, RedisQueue, _Protocol
 from tests.servers import RedisServer, redisServer, startRedis, waitUntil
 
 __all__ = ["redisServer"]  # the fixture, for pytest to find
@@ -101,6 +103,71 @@ async def test_concurrentPutsShareCommands(redisServer: RedisServer) -> None:
         assert redisServer.commandCalls("rpush") == 5
     finally:
         await queue.stopService()
+
+
+def encodingCases() -> list[tuple[object, ...]]:
+    """Commands as mixingest sends them, and the argument types txredisapi takes."""
+    items = [
+        b'{"event":"\xc3\xa9t\xc3\xa9"}',
+        b"\x00\xff\r\n$*",
+        b"",
+        b"x" * (HEAD_CACHE + 5),
+        b"y" * 300,
+        b"z" * 300,
+    ]
+    push = scripts.pushArgs("mx:", "évents", "run1", 60, items, first=7)
+    journaled = scripts.pushArgs("", "q", "journal:1", 60, items[:2], seqs=[3, 9])
+    return [
+        ("EVALSHA", scripts.PUSH_SHA, 3, *push),
+        ("EVAL", scripts.PUSH, 3, *journaled),
+        ("SET", "ключ", 1.5, -7, bytearray(b"\x01\x02"), 2**64),
+        ("PING",),
+        (),
+    ]
+
+
+@pytest.mark.parametrize("args", encodingCases())
+def test_commandEncodingAsTxredisapi(args: tuple[object, ...]) -> None:
+    """
+    The protocol's own command encoder builds exactly the bytes txredisapi
+    builds for the same arguments: non-ASCII text, binary and empty items,
+    lengths past the cache of length lines, numbers and bytearrays.
+    """
+    ours = _Protocol()
+    theirs = txredisapi.RedisProtocol()
+    assert ours._build_command(*args) == theirs._build_command(*args)
+    assert ours._build_command(*args) == theirs._build_command(*args)  # cached lengths
+
+
+def test_itemsSkipTheArgumentEncoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Items (bytes) go into the request as they are: only the other arguments
+    pass through txredisapi's per-argument encoder, whose cost per item is
+    what made a batch's write dear.
+    """
+    calls: list[object] = []
+    encode = txredisapi.RedisProtocol._encode_value
+
+    def counted(self: Any, arg: object) -> bytes:
+        calls.append(arg)
+        return encode(self, arg)
+
+    monkeypatch.setattr(txredisapi.RedisProtocol, "_encode_value", counted)
+    items = [b"%d" % i for i in range(50)]
+    _Protocol()._build_command("EVALSHA", scripts.PUSH_SHA, 3, "k1", "k2", "k3", 60, 50, 1, *items)
+    assert calls == ["EVALSHA", scripts.PUSH_SHA, 3, "k1", "k2", "k3", 60, 50, 1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_itemsOfEverySizeStored(redisServer: RedisServer, redisQueue: RedisQueue) -> None:
+    """Items around and past the cached length lines reach Redis byte for byte."""
+    items = [bytes(range(256)) * (size // 256) + b"\xff" * (size % 256) for size in SIZES]
+    await redisQueue.put("sizes", items)
+    await redisQueue.put("sizes", items[::-1])
+    assert redisServer.items("mx:sizes") == items + items[::-1]
+
+
+SIZES = [0, 1, 9, 10, 99, 100, 300, HEAD_CACHE - 1, HEAD_CACHE, HEAD_CACHE + 1, 100_000]
 
 
 @pytest_twisted.ensureDeferred

@@ -14,13 +14,14 @@ import os
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from mixingest.journal.framing import HEADER_SIZE, listSegments, segmentPath
+from mixingest.journal.framing import HEADER_SIZE, listSegments
 from mixingest.journal.fsync import syncDirectory
 from mixingest.journal.reader import (
     JournalReader,
     Position,
     SegmentCounter,
     backlogAfter,
+    backlogAge,
     checkpointTime,
     loadCheckpoint,
     registerCheckpoint,
@@ -262,36 +263,12 @@ class Consumer:
         return self._reader.backlog()
 
 
-def _lagSeconds(
-    counter: SegmentCounter, position: Optional[Position], items: int, now: float
-) -> float:
-    """
-    How long ago the segment holding the group's next record was last
-    written: 0 when the group is caught up, and at most the age of its
-    oldest unread record (a lower bound, to the resolution of a segment).
-    """
-    if items == 0:
-        return 0.0
-    bases = listSegments(counter.queueDir)
-    if position is not None:
-        if counter.recordsFrom(position.segment, position.seq) == 0:
-            bases = [base for base in bases if base > position.segment]
-        else:
-            bases = [base for base in bases if base >= position.segment]
-    for base in bases:
-        try:
-            return max(0.0, now - os.stat(segmentPath(counter.queueDir, base)).st_mtime)
-        except FileNotFoundError:
-            continue
-    return 0.0
-
-
 def groupStatus(counter: SegmentCounter, group: str, now: float) -> Dict[str, object]:
     """
     A group's (or the forwarder's) cursor and lag in the queue that
     C{counter} counts: C{position} (C{None} before its first commit),
     C{nextSeq} (the least number it reads next), C{lagItems}, C{lagBytes},
-    C{lagSeconds} (see L{_lagSeconds}) and C{lastCommit} (POSIX time of the
+    C{lagSeconds} (see L{backlogAge}) and C{lastCommit} (POSIX time of the
     last commit or heartbeat).
 
     @raise ValueError: for a damaged cursor file.
@@ -305,6 +282,6 @@ def groupStatus(counter: SegmentCounter, group: str, now: float) -> Dict[str, ob
         "nextSeq": nextSeq,
         "lagItems": items,
         "lagBytes": size,
-        "lagSeconds": round(_lagSeconds(counter, position, items, now), 3),
+        "lagSeconds": round(backlogAge(counter, position, items, now), 3),
         "lastCommit": checkpointTime(counter.queueDir, group),
     }

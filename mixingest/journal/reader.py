@@ -42,6 +42,7 @@ __all__ = [
     "Position",
     "SegmentCounter",
     "backlogAfter",
+    "backlogAge",
     "checkpointTime",
     "deleteCheckpoint",
     "deleteConsumedSegments",
@@ -324,6 +325,30 @@ def backlogAfter(counter: SegmentCounter, position: Optional[Position]) -> Tuple
             records += n
             size += max(0, nbytes - HEADER_SIZE)
     return records, size
+
+
+def backlogAge(
+    counter: SegmentCounter, position: Optional[Position], items: int, now: float
+) -> float:
+    """
+    How long ago the segment holding the record after C{position} was last
+    written: 0 when nothing is left (C{items} is 0), and at most the age of
+    the oldest record left (a lower bound, to the resolution of a segment).
+    """
+    if items == 0:
+        return 0.0
+    bases = listSegments(counter.queueDir)
+    if position is not None:
+        if counter.recordsFrom(position.segment, position.seq) == 0:
+            bases = [base for base in bases if base > position.segment]
+        else:
+            bases = [base for base in bases if base >= position.segment]
+    for base in bases:
+        try:
+            return max(0.0, now - os.stat(segmentPath(counter.queueDir, base)).st_mtime)
+        except FileNotFoundError:
+            continue
+    return 0.0
 
 
 def deleteSegmentsBefore(queueDir: str, floor: int) -> List[int]:
@@ -651,3 +676,10 @@ class JournalReader:
             segment once; later calls only read what was appended since.
         """
         return backlogAfter(self._counter, self.committed)
+
+    def backlogAge(self, now: float) -> float:
+        """
+        @return: seconds since the segment holding the first record after
+            the committed checkpoint was last written (see L{backlogAge}).
+        """
+        return backlogAge(self._counter, self.committed, self.backlog()[0], now)

@@ -42,9 +42,12 @@ from __future__ import annotations
 import base64
 import json
 import random
+import time
+from collections import deque
 from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 from zlib import crc32
 
+import attrs
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
@@ -102,6 +105,8 @@ class SpoolReader(Protocol):
 
     def backlog(self) -> tuple[int, int]: ...
 
+    def backlogAge(self, now: float) -> float: ...
+
     def close(self) -> None: ...
 
 
@@ -126,6 +131,15 @@ class Spool(EventQueue, Protocol):
     def deleteConsumed(self, queue: str) -> Deferred[Any]: ...
 
     def deleteBefore(self, queue: str, segment: int, owner: str) -> Deferred[Any]: ...
+
+
+@attrs.define
+class _QueueTotals:
+    """Events of one queue, since the start."""
+
+    forwarded: int = 0
+    failed: int = 0
+    journaled: int = 0
 
 
 class ForwardingQueue(Service):
@@ -183,6 +197,10 @@ class ForwardingQueue(Service):
         self._journaling: dict[str, int] = {}
         self._journaled: dict[str, int] = {}
         self._backlog: dict[str, int] = {}
+        # When the records of the backlog were journaled, oldest first, as
+        # [time, records] runs: the lag in seconds is the oldest's age.
+        self._journaledAt: dict[str, deque[list[float]]] = {}
+        self._queueTotals: dict[str, _QueueTotals] = {}
         self._readers: dict[str, SpoolReader] = {}
         # Read from the journal (and flushed) but not yet settled with the
         # remote, oldest first; markers included.
@@ -301,6 +319,7 @@ class ForwardingQueue(Service):
                 "state": self._state,
                 "reason": self._reason,
                 "forwarded": self._forwarded,
+                "queues": self._queueStatus(),
                 "skippedInDoubt": self._skipped,
                 "failures": self._failures,
                 "checkpointFailures": self._checkpointFailures,
@@ -365,6 +384,8 @@ class ForwardingQueue(Service):
             if not isinstance(result, Failure):
                 self._journaled[queue] = self._journaled.get(queue, 0) + 1
                 self._backlog[queue] = self._backlog.get(queue, 0) + len(items)
+                self._totals(queue).journaled += len(items)
+                self._noteJournaled(queue, self._clock.seconds(), len(items) + (marker is not None))
             self._resume(interruptBackoff=False)
             return result
 
@@ -391,9 +412,13 @@ class ForwardingQueue(Service):
         if not self._scanned:
             self._setState("scanning", "reading journal backlog")
             found = await self._runInThread(self._scanJournal)
-            for queue, (reader, backlog) in sorted(found.items()):
+            now = self._clock.seconds()
+            for queue, (reader, backlog, age) in sorted(found.items()):
                 self._readers[queue] = reader
                 self._backlog[queue] = backlog
+                self._journaledAt.pop(queue, None)
+                if backlog:
+                    self._noteJournaled(queue, now - age, backlog)
                 if backlog:
                     self._diverted.add(queue)
                     self._log.info(
@@ -452,6 +477,7 @@ class ForwardingQueue(Service):
                 ):
                     self._diverted.discard(queue)
                     self._backlog[queue] = 0
+                    self._journaledAt.pop(queue, None)
                     self._log.info(
                         "Queue {queue} forwarded: puts go to the remote again", queue=queue
                     )
@@ -478,11 +504,13 @@ class ForwardingQueue(Service):
             else:
                 await self.remote.put(queue, items)
         except Exception as e:
+            self._totals(queue).failed += len(chunk)
             await self._remoteError(f"remote put failed: {e}")
             return
         self._failures = 0
         del pending[:end]
         self._forwarded += len(chunk)
+        self._totals(queue).forwarded += len(chunk)
         await self._acknowledged(queue, chunk[-1][0])
 
     async def _settleMarker(self, queue: str, pending: list[tuple[Any, bytes]]) -> None:
@@ -604,6 +632,7 @@ class ForwardingQueue(Service):
         self._commitRetryAt.pop(queue, None)
         del self._uncommitted[queue]
         self._backlog[queue] = backlog
+        self._consumedTo(queue, backlog)
         if position.segment != self._segments.setdefault(queue, position.segment):
             # The checkpoint moved into a newer segment: the older ones may
             # now be behind every checkpoint, so the disk space comes back.
@@ -617,16 +646,64 @@ class ForwardingQueue(Service):
             self._readers[queue] = reader
         return reader
 
-    def _scanJournal(self) -> dict[str, tuple[SpoolReader, int]]:
+    def _scanJournal(self) -> dict[str, tuple[SpoolReader, int, float]]:
         """
         (In a thread.)  A reader for every queue in the journal, at this
-        forwarder's checkpoint, and the number of items after it.
+        forwarder's checkpoint, the number of items after it and about how
+        long ago the first of them was written.
         """
         found = {}
+        now = time.time()
         for queue in self.journal.queues():
             reader = self.journal.reader(queue, self._checkpointName)
-            found[queue] = (reader, reader.backlog()[0])
+            found[queue] = (reader, reader.backlog()[0], reader.backlogAge(now))
         return found
+
+    def _totals(self, queue: str) -> _QueueTotals:
+        totals = self._queueTotals.get(queue)
+        if totals is None:
+            totals = self._queueTotals[queue] = _QueueTotals()
+        return totals
+
+    def _noteJournaled(self, queue: str, when: float, records: int) -> None:
+        runs = self._journaledAt.setdefault(queue, deque())
+        runs.append([when, records])
+
+    def _consumedTo(self, queue: str, backlog: int) -> None:
+        """
+        The backlog of C{queue} is down to C{backlog} records: forget the
+        oldest journaled runs beyond it, so the oldest left dates the lag.
+        """
+        runs = self._journaledAt.get(queue)
+        if not runs:
+            return
+        excess = sum(run[1] for run in runs) - backlog
+        while runs and excess >= runs[0][1]:
+            excess -= runs.popleft()[1]
+        if runs and excess > 0:
+            runs[0][1] -= excess
+        if not runs or not backlog:
+            del self._journaledAt[queue]
+
+    def _queueStatus(self) -> dict[str, dict[str, float]]:
+        """
+        Per queue: events forwarded, events in forwarding attempts that
+        failed (counted again at each retry), events journaled instead of
+        put to the remote, and the age in seconds of the oldest event
+        waiting to be forwarded (0 when none waits).
+        """
+        now = self._clock.seconds()
+        queues = {}
+        for queue in sorted(set(self._queueTotals) | set(self._backlog)):
+            totals = self._totals(queue)
+            runs = self._journaledAt.get(queue)
+            queues[queue] = {
+                "forwarded": totals.forwarded,
+                "failed": totals.failed,
+                "journaled": totals.journaled,
+                "lagSeconds": round(max(0.0, now - runs[0][0]), 3) if runs else 0.0,
+            }
+        return queues
 
     @staticmethod
     def _commit(reader: SpoolReader, position: Any) -> int:
