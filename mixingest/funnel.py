@@ -265,7 +265,10 @@ class Funnel(Service):
         already stored now, the others once stored.
         """
         live = self.live
-        if sum(len(group[1]) for group in groups) < len(items):
+        count = 0
+        for group in groups:
+            count += len(group[1])
+        if count < len(items):
             kept = {id(payload) for group in groups for payload in group[1]}
             duplicates = [item.token for item in items if id(item.payload) not in kept]
             live.deduplicated(endpoint, duplicates)

@@ -22,7 +22,7 @@ from twisted.python.usage import UsageError
 
 from mixingest.auth import ImportSecrets
 from mixingest.errors import QueueUnavailable
-from mixingest.live import LiveTap, Viewer
+from mixingest.live import FLUSH_BYTES, FLUSH_SECONDS, VIEWER_QUEUE_BYTES, LiveTap, Viewer
 from mixingest.tokens import TokenList
 from tests.test_admin import Running
 from tests.test_api import B64, Harness
@@ -48,6 +48,7 @@ class FakeRequest:
         self.written: List[bytes] = []
         self.producer: Optional[Viewer] = None
         self.transport = FakeTransport()
+        self.tap: Optional[LiveTap] = None
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -58,8 +59,11 @@ class FakeRequest:
 
     def frames(self) -> List[Tuple[Optional[int], str, Dict[str, Any]]]:
         """
-        The frames written, parsed: (id, event, data).
+        The frames written once the tap's pending frames went out (what its
+        flush timer does), parsed: (id, event, data).
         """
+        if self.tap is not None:
+            self.tap.flush()
         found = []
         for raw in b"".join(self.written).decode().split("\n\n"):
             fields = dict(line.split(": ", 1) for line in raw.splitlines() if ": " in line)
@@ -74,6 +78,7 @@ class FakeRequest:
 
 def watch(tap: LiveTap, lastEventId: Optional[int] = None) -> FakeRequest:
     request = FakeRequest()
+    request.tap = tap
     assert tap.attach(request, lastEventId) is not None  # type: ignore[arg-type]
     return request
 
@@ -156,9 +161,9 @@ def test_samplingShowsAShareButCountsAll() -> None:
 
 def test_slowViewerIsDroppedOthersKeepGoing() -> None:
     """
-    A paused viewer queues up to its bound, then is dropped (its connection
-    aborted); a viewer that keeps up sees every frame; a paused viewer that
-    resumes in time gets what it owed, in order.
+    A paused viewer queues up to its bound of writes, then is dropped (its
+    connection aborted); a viewer that keeps up sees every frame; a paused
+    viewer that resumes in time gets what it owed, in order.
     """
     tap = LiveTap(Clock(), viewerQueue=3)
     slow, fast, late = watch(tap), watch(tap), watch(tap)
@@ -167,16 +172,63 @@ def test_slowViewerIsDroppedOthersKeepGoing() -> None:
     late.producer.pauseProducing()
     for _ in range(3):
         dedupedOne(tap)
+        tap.flush()
     late.producer.resumeProducing()
     assert [r["id"] for r in late.records()] == [1, 2, 3]
     assert not slow.transport.aborted
     dedupedOne(tap)
+    tap.flush()
     assert slow.transport.aborted and tap.dropped == 1
     assert slow.producer not in tap.viewers
     for _ in range(10):
         dedupedOne(tap)
     assert len(fast.records()) == 14 and len(late.records()) == 14
     assert len(slow.records()) == 0
+
+
+def test_slowViewerDroppedPastItsBytes() -> None:
+    """
+    However few the writes, a paused viewer owes at most
+    L{VIEWER_QUEUE_BYTES}: past them it is dropped.
+    """
+    tap = LiveTap(Clock())
+    slow = watch(tap)
+    assert slow.producer is not None
+    slow.producer.pauseProducing()
+    while slow.producer.pendingBytes < VIEWER_QUEUE_BYTES:
+        assert not slow.transport.aborted
+        tap.refused("track", 400, "invalid", [("tok", "event", "bad", "x" * 3000)] * 10)
+        tap.flush()
+    tap.refused("track", 400, "invalid", [("tok", "event", "bad", "x")])
+    tap.flush()
+    assert slow.transport.aborted and tap.dropped == 1
+
+
+def test_recordsGoOutTogether() -> None:
+    """
+    Records reach viewers in one write per flush interval (or sooner past
+    L{FLUSH_BYTES}), not one per request; a viewer attaching meanwhile gets
+    the pending records once, from the ring.
+    """
+    clock = Clock()
+    tap = LiveTap(clock)
+    first = watch(tap)
+    before = len(first.written)
+    for _ in range(5):
+        dedupedOne(tap)
+    assert len(first.written) == before
+    second = FakeRequest()
+    assert tap.attach(second, None) is not None  # type: ignore[arg-type]
+    assert len(first.written) == before + 1
+    assert [r["id"] for r in first.records()] == [1, 2, 3, 4, 5]
+    assert [r["id"] for r in second.records()] == [1, 2, 3, 4, 5]
+    dedupedOne(tap)
+    clock.advance(FLUSH_SECONDS)
+    assert len(first.written) == before + 2
+    assert [r["id"] for r in second.records()] == [1, 2, 3, 4, 5, 6]
+    while len(first.written) == before + 2:
+        tap.refused("track", 400, "invalid", [("tok", "event", "bad", "x" * 3000)])
+    assert sum(map(len, first.written[before + 2 :])) >= FLUSH_BYTES
 
 
 def test_tooManyViewers() -> None:
