@@ -22,7 +22,14 @@ from twisted.python.usage import UsageError
 
 from mixingest.auth import ImportSecrets
 from mixingest.errors import QueueUnavailable
-from mixingest.live import FLUSH_BYTES, FLUSH_SECONDS, VIEWER_QUEUE_BYTES, LiveTap, Viewer
+from mixingest.live import (
+    FLUSH_BYTES,
+    FLUSH_SECONDS,
+    FRAMED_PER_FLUSH,
+    VIEWER_QUEUE_BYTES,
+    LiveTap,
+    Viewer,
+)
 from mixingest.tokens import TokenList
 from tests.test_admin import Running
 from tests.test_api import B64, Harness
@@ -229,6 +236,28 @@ def test_recordsGoOutTogether() -> None:
     while len(first.written) == before + 2:
         tap.refused("track", 400, "invalid", [("tok", "event", "bad", "x" * 3000)])
     assert sum(map(len, first.written[before + 2 :])) >= FLUSH_BYTES
+
+
+def test_newestRecordsShownPastTheBound() -> None:
+    """
+    Past L{FRAMED_PER_FLUSH} accepted records in one flush, the newest are
+    shown, in order; the others are counted in the chart's counts and as
+    unshown.
+    """
+    clock = Clock()
+    tap = LiveTap(clock)
+    viewer = watch(tap)
+    extra = 7
+    payloads = [b'{"n":%d}' % n for n in range(FRAMED_PER_FLUSH + extra)]
+    tap.accepted("track", [("tok", payloads[:extra], None)])
+    tap.accepted("track", [("tok", payloads[extra:], None)])
+    shown = [record["item"]["n"] for record in viewer.records()]
+    assert shown == list(range(extra, FRAMED_PER_FLUSH + extra))
+    assert tap.unshown == extra
+    clock.advance(1)
+    (counts,) = [data for _, event, data in viewer.frames() if event == "counts"]
+    assert counts["unshown"] == extra
+    assert counts["counts"] == [["tok", "track", "accepted", FRAMED_PER_FLUSH + extra]]
 
 
 def test_tooManyViewers() -> None:
