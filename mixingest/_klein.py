@@ -96,12 +96,15 @@ def _write(r: object, request: IRequest, finished: List[bool]) -> None:
         request.finish()
 
 
-def _finished(_: object, finished: List[bool]) -> None:
+def _finished(result: object, finished: List[bool], handling: List[Any]) -> None:
+    """
+    The request is answered or its client gone: in the latter case, cancel
+    the handler's result if it is still pending (as Klein does, with one
+    C{notifyFinish} where Klein asks for two, a Deferred less per request).
+    """
     finished[0] = True
-
-
-def _cancel(_: object, d: Deferred[Any]) -> None:
-    d.cancel()
+    if isinstance(result, Failure) and handling:
+        handling[0].cancel()
 
 
 def _execute(app: Any, mapper: Any, request: Any, finished: List[bool]) -> Deferred[Any]:
@@ -110,9 +113,12 @@ def _execute(app: Any, mapper: Any, request: Any, finished: List[bool]) -> Defer
     segments = route_metadata(app.endpoints[endpoint]).segment_count
     request.prepath.extend(request.postpath[:segments])
     request.postpath = request.postpath[segments:]
-    request.notifyFinish().addBoth(_finished, finished)
+    # Asked before the handler runs, so that finished is set even if the
+    # request ends while it runs; then nothing is left to cancel.
+    handling: List[Any] = []
+    request.notifyFinish().addBoth(_finished, finished, handling)
     d = maybeDeferred(app.execute_endpoint, endpoint, request, **kwargs)
-    request.notifyFinish().addErrback(_cancel, d)
+    handling.append(d)
     return d
 
 

@@ -121,6 +121,13 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         "IngestRequest.process is Request.process without its per-request Date formatting",
     ),
     PrivateUse(
+        "twisted.web.http",
+        "_parseRequestLine",
+        "httpsite.py",
+        "replaced by one that checks the request target with bytes.translate instead of a "
+        "Python loop per byte (HTTPChannel calls the module function: no subclass hook)",
+    ),
+    PrivateUse(
         "twisted.web.server.Site",
         "_parsePOSTFormSubmission",
         "httpsite.py",

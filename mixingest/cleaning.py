@@ -249,8 +249,13 @@ class _Walk:
             self.mapping(props, 0, MAX_PROPERTIES)
         except InvalidEvent as e:
             raise _within(where, e) from None
-        if not self.nested:
-            return
+        if self.nested:
+            self.sizes(props, where)
+
+    def sizes(self, props: Dict[str, Any], where: str) -> None:
+        """
+        Refuse a list or object property larger than Mixpanel keeps.
+        """
         for key, element in props.items():
             if type(element) in (list, dict):
                 try:
@@ -425,9 +430,17 @@ def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanI
         _distinctId(distinctId, "properties.distinct_id", False)
     # $merge (Python SDK merge(), Mixpanel's identity-merge reference) comes
     # to /import without a time, a distinct_id or an $insert_id, and
-    # Mixpanel takes it.
-    merge = record["event"] == "$merge"
-    walk.properties(props, "properties")
+    # Mixpanel takes it.  (A name truncated above was no "$merge" either.)
+    merge = name == "$merge"
+    # walk.properties(props, "properties") and _encode(record) inline: a
+    # Python call costs as much as a property's check.
+    walk.nested = False
+    try:
+        walk.mapping(props, 0, MAX_PROPERTIES)
+    except InvalidEvent as e:
+        raise _within("properties", e) from None
+    if walk.nested:
+        walk.sizes(props, "properties")
     if len(record) > 2:
         walk.others(record, _EVENT_FIELDS)
     when = props.get("time")
@@ -451,7 +464,15 @@ def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanI
     elif context.ip is not None and "ip" not in props:
         props["ip"] = context.ip
     record["received_at"] = context.received
-    return _cleanItem(CleanItem, (token, insertId, _encode(record)))
+    try:
+        payload = codec.dumps(record)
+    except ValueError:
+        raise InvalidEvent(
+            "", "contains text that is not valid Unicode (a lone surrogate)"
+        ) from None
+    if len(payload) > MAX_ITEM_BYTES:
+        raise InvalidEvent("", f"larger than {MAX_ITEM_BYTES} bytes once encoded")
+    return _cleanItem(CleanItem, (token, insertId, payload))
 
 
 def _update(

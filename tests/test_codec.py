@@ -18,6 +18,14 @@ def test_roundTrip() -> None:
     assert codec.dumps({"a": "é/"}) == '{"a":"é/"}'.encode()
 
 
+def test_textKeptAsItIs() -> None:
+    """
+    Non-ASCII as UTF-8, C{/} and HTML characters unescaped: each of the
+    three options ujson's C{dumps} is given by position.
+    """
+    assert codec.dumps(["é\u2028", "a/b", "<&>"]) == '["é\u2028","a/b","<&>"]'.encode()
+
+
 @pytest.mark.parametrize("text", [b"[1] x", b"{", b"", b'["\xff"]', b"[" * 100_000])
 def test_refusedAsValueError(text: bytes) -> None:
     with pytest.raises(ValueError):

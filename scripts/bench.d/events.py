@@ -94,7 +94,7 @@ def main(repetitions: int) -> None:
         funnel = Funnel(_NoQueue(), Clock(), recent=recent)  # type: ignore[arg-type]
         groups = timed("dedupe check", lambda c, f=funnel: f._fresh(c.items, 1.0), cleaned)
         timed("dedupe remember", lambda g, r=recent: r.remember(g[0][2], 1.0), groups)
-        timed("journal framing", lambda g: encodeRecords(g[0][1]), groups)
+        timed("journal framing", lambda g: encodeRecords(g[0][1], 1), groups)
     for label, values in results.items():
         middle = statistics.median(values)
         print(f"{label:26s} min {min(values):5.2f}  median {middle:5.2f} us/event")
