@@ -11,8 +11,10 @@ geoip: single-event /track requests from 1,000 public addresses (a trusted
 proxy's X-Forwarded-For), without --geoip and with it (GeoLite2 City from
 the maxminddb-geolite2 package unless a database is given; warm cache).
 live: the live page's tap with no viewer and with one viewer reading
-everything.  Prints the medians and the paired on/off ratios: the machine's
-noise shows in their spread.
+everything; then, with the viewer, the live path's own time inside the same
+requests as a share of their CPU.  Prints the medians and the paired on/off
+ratios: the machine's noise shows in their spread, which the share does not
+suffer from.
 """
 
 from __future__ import annotations
