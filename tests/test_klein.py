@@ -110,3 +110,63 @@ def test_requestFreedWithoutTheCollector(resource: Any, cyclic: bool) -> None:
         assert (requests[0]() is not None) is cyclic
     finally:
         gc.enable()
+
+
+@app.route("/hello/<name>", methods=["GET"])
+def hello(request: IRequest, name: str) -> bytes:
+    return b"hello " + name.encode()
+
+
+def answers(resource: IResource, *lines: bytes) -> List[bytes]:
+    """
+    The status line and body of each request, sent one by one on one
+    connection.
+    """
+    found = []
+    for line in lines:
+        channel, transport = connect(resource)
+        channel.dataReceived(line)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        found.append(head.split(b"\r\n")[0] + b" " + body)
+    return found
+
+
+def test_routesRemembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A URL routed once is not bound and matched again; what did not route
+    (not found, method not allowed) is not remembered and answers as Klein
+    does each time; a converter's values belong to their own URL.
+    """
+    resource = AcyclicKleinResource(app)
+    binds: List[str] = []
+    bind = app.url_map.bind
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        binds.append(kwargs["path_info"])
+        return bind(*args, **kwargs)
+
+    monkeypatch.setattr(app.url_map, "bind", counted)
+    got = answers(
+        resource,
+        get(b"/now"),
+        get(b"/now"),
+        get(b"/hello/ann"),
+        get(b"/hello/bob"),
+        get(b"/hello/ann"),
+        get(b"/nowhere"),
+        get(b"/nowhere"),
+        b"POST /hello/ann HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        b"POST /hello/ann HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    for answer, body in zip(got, [b"now", b"now", b"hello ann", b"hello bob", b"hello ann"]):
+        assert answer.startswith(b"HTTP/1.1 200 OK ") and b"\r\n" + body + b"\r\n" in answer
+    assert [g.split(b" ", 2)[1] for g in got[5:]] == [b"404", b"404", b"405", b"405"]
+    assert binds == [
+        "/now",
+        "/hello/ann",
+        "/hello/bob",
+        "/nowhere",
+        "/nowhere",
+        "/hello/ann",
+        "/hello/ann",
+    ]
