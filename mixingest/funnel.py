@@ -250,43 +250,37 @@ class Funnel(Service):
             if refused is not None:
                 raise self._refuse(refused[0], items, refused[1])
         if self.live.active:
-            return self._shown(endpoint, items, groups, self._write(endpoint, groups, now))
+            self._showDuplicates(endpoint, items, groups)
         return self._write(endpoint, groups, now)
 
-    def _shown(
-        self,
-        endpoint: str,
-        items: Sequence[CleanItem],
-        groups: List[_Group],
-        stored: Deferred[None],
-    ) -> Deferred[None]:
+    def _showDuplicates(
+        self, endpoint: str, items: Sequence[CleanItem], groups: List[_Group]
+    ) -> None:
         """
-        Show a request's share on the live view: the records dropped as
-        already stored now, the others once stored.
+        Show on the live view the records of a request dropped as already
+        stored (the stored ones are shown by L{_settled}).
         """
-        live = self.live
         count = 0
         for group in groups:
             count += len(group[1])
         if count < len(items):
             kept = {id(payload) for group in groups for payload in group[1]}
             duplicates = [item.token for item in items if id(item.payload) not in kept]
-            live.deduplicated(endpoint, duplicates)
-        return stored.addCallback(live.stored, endpoint, groups)
+            self.live.deduplicated(endpoint, duplicates)
 
     def _write(self, endpoint: str, groups: List[_Group], now: float) -> Deferred[None]:
         """
         Write C{groups} to their queues: one write per queue they route to.
         """
         if len(groups) == 1 or endpoint not in ROUTABLE or not self.routes:
-            return self._put(self.queueFor(endpoint, groups[0][0]), groups, now)
+            return self._put(self.queueFor(endpoint, groups[0][0]), groups, now, endpoint)
         byQueue: Dict[str, List[_Group]] = {}
         for group in groups:
             byQueue.setdefault(self.routes.get(group[0], "events"), []).append(group)
         if len(byQueue) == 1:
             ((name, shares),) = byQueue.items()
-            return self._put(name, shares, now)
-        puts = [self._put(name, shares, now) for name, shares in byQueue.items()]
+            return self._put(name, shares, now, endpoint)
+        puts = [self._put(name, shares, now, endpoint) for name, shares in byQueue.items()]
         return DeferredList(puts, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
             lambda _: None, lambda f: f.value.subFailure
         )
@@ -353,10 +347,12 @@ class Funnel(Service):
         """
         self.rejected[reason] = self.rejected.get(reason, 0) + count
 
-    def _put(self, name: str, groups: List[_Group], started: float) -> Deferred[None]:
+    def _put(
+        self, name: str, groups: List[_Group], started: float, endpoint: str
+    ) -> Deferred[None]:
         """
         One write of C{groups} to queue C{name}, accounted as in flight
-        until it settles.
+        until it settles, for the request to C{endpoint}.
         """
         if len(groups) == 1:
             payloads = groups[0][1]
@@ -373,7 +369,7 @@ class Funnel(Service):
         self.eventsInFlight += events
         self.writesInFlight += 1
         return self.queue.put(name, payloads).addBoth(
-            self._settled, name, counts, groups, sizes, started
+            self._settled, name, counts, groups, sizes, started, endpoint
         )
 
     def _settled(
@@ -384,11 +380,12 @@ class Funnel(Service):
         groups: List[_Group],
         sizes: List[int],
         started: float,
+        endpoint: str,
     ) -> object:
         """
         Account a settled write: stored (counted per token, its keys
-        remembered for dedupe) or failed (counted as rejects); end the
-        drain if it was the last one.
+        remembered for dedupe, shown on the live view) or failed (counted
+        as rejects); end the drain if it was the last one.
         """
         now = self.clock.seconds()
         self.metrics.wrote(name, now - started)
@@ -413,6 +410,8 @@ class Funnel(Service):
                 record(token, now, events=len(payloads), size=groupSize)
                 if keys:
                     self.recent.remember(keys, now)
+            if self.live.active:
+                self.live.accepted(endpoint, groups)
         if self.writesInFlight == 0 and self._drained is not None:
             drained, self._drained = self._drained, None
             drained.callback(None)

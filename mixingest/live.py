@@ -62,12 +62,11 @@ flush rather than one per request, which a person watching cannot tell.
 """
 FLUSH_BYTES = 64 * 1024
 """Pending frames past this many bytes go out at once."""
-FLUSH_RECORDS = 2000
-"""Accepted records waiting to be framed past this many go out at once."""
-FRAMED_PER_FLUSH = 250
+FRAMED_PER_FLUSH = 100
 """
-Accepted records shown per flush at most (2,500 a second): the newest;
-the others are counted (in the chart, and as C{unshown}) but not framed.
+Accepted records shown per flush at most (1,000 a second): the newest;
+the others are counted (in the chart, and as C{unshown}) but not framed,
+and not held for framing either.
 """
 MAX_RECORD_CHARS = 4000
 """A refused record's JSON is cut to this, so that one huge record cannot fill a frame."""
@@ -78,6 +77,9 @@ Compact JSON, ASCII only; one encoder for all, since C{json.dumps} with
 arguments builds a new one per call.
 """
 _quote = encode_basestring_ascii
+
+_Group = Tuple[str, Sequence[bytes], Any]
+"""A token, its stored payloads, and what the funnel keeps beside them."""
 
 OUTCOMES = ("accepted", "deduplicated", "invalid", "rate_limited", "over_capacity", "unauthorised")
 
@@ -192,7 +194,7 @@ class LiveTap:
         self.lastId = 0
         self.counts: Dict[Tuple[str, str, str], int] = {}
         self._outgoing: List[bytes] = []
-        self._unframed: List[Tuple[float, str, Iterable[Tuple[str, Sequence[bytes], Any]]]] = []
+        self._unframed: Deque[Tuple[float, str, Sequence[_Group], int]] = deque()
         self._unframedRecords = 0
         self._outgoingBytes = 0
         self._flushCall: Optional[IDelayedCall] = None
@@ -312,7 +314,7 @@ class LiveTap:
 
     # The hooks, called only while active.
 
-    def accepted(self, endpoint: str, groups: Iterable[Tuple[str, Sequence[bytes], Any]]) -> None:
+    def accepted(self, endpoint: str, groups: Sequence[_Group]) -> None:
         """
         Records stored: each group is a token and its stored payloads.
         They are counted now and framed at the next flush, all together:
@@ -323,11 +325,14 @@ class LiveTap:
         for token, payloads, _ in groups:
             self._count(token, endpoint, "accepted", len(payloads))
             records += len(payloads)
-        self._unframed.append((now, endpoint, groups))
+        unframed = self._unframed
+        unframed.append((now, endpoint, groups, records))
         self._unframedRecords += records
-        if self._unframedRecords >= FLUSH_RECORDS:
-            self.flush()
-        elif self._flushCall is None:
+        # What the next flush would not show anyway is not held for it.
+        while self._unframedRecords - unframed[0][3] >= FRAMED_PER_FLUSH:
+            self.unshown += unframed[0][3]
+            self._unframedRecords -= unframed.popleft()[3]
+        if self._flushCall is None:
             self._flushCall = self.clock.callLater(FLUSH_SECONDS, self.flush)
 
     def _frameAccepted(self) -> None:
@@ -335,14 +340,14 @@ class LiveTap:
         Frame the accepted records waiting for it, in the order they were
         stored, into the ring and the outgoing frames.
         """
-        unframed, self._unframed = self._unframed, []
+        unframed, self._unframed = self._unframed, deque()
         records, self._unframedRecords = self._unframedRecords, 0
         # The newest records, up to the bound: nobody reads faster, and the
         # bound keeps a viewer's cost flat however fast events come.
         budget = FRAMED_PER_FLUSH
         chosen: List[Tuple[float, str, str, Sequence[bytes]]] = []
-        for now, endpoint, groups in reversed(unframed):
-            for token, payloads, _ in reversed(list(groups)):
+        for now, endpoint, groups, _ in reversed(unframed):
+            for token, payloads, _ in reversed(groups):
                 if len(payloads) > budget:
                     payloads = payloads[len(payloads) - budget :]
                 budget -= len(payloads)
@@ -376,14 +381,6 @@ class LiveTap:
                     )
                 )
         self._sendFrames(eventId, frames)
-
-    def stored(
-        self, result: None, endpoint: str, groups: Iterable[Tuple[str, Sequence[bytes], Any]]
-    ) -> None:
-        """
-        A write's callback: show its records once stored.
-        """
-        self.accepted(endpoint, groups)
 
     def deduplicated(self, endpoint: str, tokens: Iterable[str]) -> None:
         """

@@ -124,9 +124,10 @@ def live(workload: str, count: int, rounds: int) -> None:
     """
     Whole requests with no viewer and with one (noisy: see BENCHMARKS.md),
     then the time the live path itself takes inside the same requests with
-    one viewer: the funnel's hand-over (L{Funnel._shown}), the tap's hooks
-    and its flushes, each timed around the call, minus the timer's own
-    cost.  That share of a request is what a noisy machine cannot hide.
+    one viewer: the tap's hooks (L{LiveTap.accepted}, called as a write
+    settles) and its flushes, each timed around the call, minus the
+    timer's own cost.  That share of a request is what a noisy machine
+    cannot hide.
     """
     make = {"single": single, "batch50": batch50}[workload]
     site, queue, funnel = makeSite()
@@ -181,22 +182,20 @@ def live(workload: str, count: int, rounds: int) -> None:
             empty()
         calibration.append((spent[0] - before) / 100_000)
     overhead = min(calibration)
-    for name in ("_shown",):
-        setattr(funnel, name, timed(getattr(funnel, name)))
-    for name in ("stored", "deduplicated", "refused", "flush"):
+    for name in ("accepted", "deduplicated", "refused", "flush"):
         setattr(tap, name, timed(getattr(tap, name)))
     shares, perRequest = [], []
     for _ in range(rounds):
         batch = [make() for _ in range(count)]
         viewer = tap.attach(Sink(), None)  # type: ignore[arg-type]
-        spent[0], calls = 0.0, 0
+        spent[0] = 0.0
         started = time.process_time()
         run(site, queue, batch)
         tap.flush()
         total = time.process_time() - started
         if viewer is not None:
             tap.detach(viewer)
-        calls = len(batch) * 2 + 1
+        calls = len(batch) + 1
         inside = max(0.0, spent[0] - calls * overhead)
         shares.append(inside / total)
         perRequest.append(inside / len(batch) * 1e6)
