@@ -464,15 +464,7 @@ def _event(record: Any, context: Context, walk: _Walk, imported: bool) -> CleanI
     elif context.ip is not None and "ip" not in props:
         props["ip"] = context.ip
     record["received_at"] = context.received
-    try:
-        payload = codec.dumps(record)
-    except ValueError:
-        raise InvalidEvent(
-            "", "contains text that is not valid Unicode (a lone surrogate)"
-        ) from None
-    if len(payload) > MAX_ITEM_BYTES:
-        raise InvalidEvent("", f"larger than {MAX_ITEM_BYTES} bytes once encoded")
-    return _cleanItem(CleanItem, (token, insertId, payload))
+    return _cleanItem(CleanItem, (token, insertId, _encode(record)))
 
 
 def _update(

@@ -58,6 +58,20 @@ def event() -> Dict[str, Any]:
     }
 
 
+def storedItems(count: int) -> List[bytes]:
+    """
+    Distinct SDK-shaped events as the funnel stores them (the address and
+    a processing time added), about 350 bytes each: what the queue writers'
+    benchmarks put.
+    """
+    out = []
+    for n in range(count):
+        cleaned = event()
+        cleaned["properties"].update(ip="203.0.113.7", mp_processing_time_ms=1718000000456 + n)
+        out.append(json.dumps(cleaned, separators=(",", ":")).encode())
+    return out
+
+
 def body() -> bytes:
     data = base64.b64encode(json.dumps([event() for _ in range(EVENTS)]).encode())
     return b"data=" + data.replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")

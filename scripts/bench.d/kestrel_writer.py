@@ -23,7 +23,6 @@ import argparse
 import cProfile
 import gc
 import importlib.util
-import json
 import os
 import pstats
 import shutil
@@ -38,7 +37,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from events import event
+from events import storedItems
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -46,16 +45,6 @@ from tests.servers import freePort
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CALLERS = 50
-
-
-def items(count: int) -> List[bytes]:
-    """Distinct SDK-shaped events of about 300 bytes, as the funnel stores them."""
-    out = []
-    for n in range(count):
-        cleaned = event()
-        cleaned["properties"].update(ip="203.0.113.7", mp_processing_time_ms=1718000000456 + n)
-        out.append(json.dumps(cleaned, separators=(",", ":")).encode())
-    return out
 
 
 async def sleep(seconds: float) -> None:
@@ -164,7 +153,7 @@ async def main(args: argparse.Namespace) -> None:
         f"old ({args.old})": loadOld(args.old).KestrelQueue,
         "new": new.KestrelQueue,
     }
-    pool = items(2000)
+    pool = storedItems(2000)
     server = Memcached()
     try:
         await sleep(0.3)

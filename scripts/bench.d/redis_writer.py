@@ -27,7 +27,6 @@ import argparse
 import cProfile
 import gc
 import importlib.util
-import json
 import pstats
 import shutil
 import statistics
@@ -36,12 +35,13 @@ import sys
 import tempfile
 import time
 import types
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
+from events import storedItems
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
@@ -51,31 +51,6 @@ from tests.servers import freePort
 ROOT = Path(__file__).resolve().parent.parent.parent
 CALLERS = 50
 BATCH = 50
-
-
-def items(count: int) -> List[bytes]:
-    """Distinct SDK-shaped events of about 300 bytes, as the funnel stores them."""
-    out = []
-    for n in range(count):
-        event = {
-            "event": "Signed Up",
-            "properties": {
-                "token": "bench-token",
-                "distinct_id": f"user-{n}",
-                "time": 1718000000123 + n,
-                "$browser": "Chrome",
-                "$os": "Linux",
-                "$current_url": "https://example.com/signup?ref=bench",
-                "mp_lib": "web",
-                "$lib_version": "2.55.0",
-                "plan": "pro",
-                "$insert_id": str(uuid.uuid4()),
-                "ip": "203.0.113.7",
-                "mp_processing_time_ms": 1718000000456,
-            },
-        }
-        out.append(json.dumps(event, separators=(",", ":")).encode())
-    return out
 
 
 def loadOld(rev: str) -> types.ModuleType:
@@ -225,7 +200,7 @@ async def main(args: argparse.Namespace) -> None:
     redis = Redis()
     try:
         await sleep(0.3)
-        pool = items(5000)
+        pool = storedItems(5000)
         results: Dict[tuple[str, str], List[float]] = {}
         rates: Dict[tuple[str, str], List[float]] = {}
         for _ in range(args.rounds):
