@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IAddress, IDelayedCall
@@ -187,7 +187,9 @@ class IngestRequest(Request):
         self.setHeader(b"Server", serverVersion)
         self.setHeader(b"Date", _httpDate())
         self.prepath = []
-        self.postpath = list(map(http.unquote, self.path[1:].split(b"/")))
+        # http.unquote is unquote_to_bytes, reached through twisted.web.http's
+        # deprecation proxy, whose attribute lookup costs more than the call.
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
         if self.path == b"*":
             self._handleStar()
             return
@@ -318,6 +320,9 @@ class IngestChannel(HTTPChannel):
     _idleElapsed = 0.0
     _discarded = 0
     _lingerCall: Optional[IDelayedCall] = None
+    _secure: Optional[bool] = None
+    _host: Optional[IAddress] = None
+    _peer: Optional[IAddress] = None
 
     def connectionMade(self) -> None:
         self.site.openConnections += 1
@@ -328,6 +333,29 @@ class IngestChannel(HTTPChannel):
         self._receiving = True
         self.timeOut = self.headerTimeout  # type: ignore[assignment]
         super().connectionMade()
+
+    def isSecure(self) -> bool:
+        # Asked twice a request (Klein builds the URL from it), and each time
+        # twisted.web adapts the transport to ISSLTransport; a connection's
+        # transport does not change.
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = super().isSecure()
+        return secure
+
+    def getHost(self) -> IAddress:
+        # Each request asks: a getsockname() and a new address object each
+        # time, for an address that is fixed for the connection's life.
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def getPeer(self) -> IAddress:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     def dataReceived(self, data: bytes) -> None:
         if self._refusing:
