@@ -54,6 +54,10 @@ _CHANNEL_WHY = (
     "IngestChannel's deadlines, bounded heads and early refusal of oversized bodies hook "
     "into HTTPChannel's parser state, which has no public API"
 )
+_LOGFILE_WHY = (
+    "SIGHUP reopens twistd's --logfile, which twistd keeps to itself: reload.twistdLogFiles "
+    "finds it as the _outFile of an observer among the global log publisher's _observers"
+)
 _REDIS_WHY = (
     "RedisQueue assembles txredisapi's lazy pool itself (as lazyConnectionPool does) to be "
     "told when connections come and go and to connect on the injected reactor's endpoint"
@@ -134,6 +138,8 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         "the only switch for Twisted's second parse of every form body (Twisted >= 24.7)",
         True,
     ),
+    PrivateUse("twisted.logger.LogPublisher", "_observers", "reload.py", _LOGFILE_WHY, True),
+    PrivateUse("twisted.logger.FileLogObserver", "_outFile", "reload.py", _LOGFILE_WHY, True),
     *(
         PrivateUse("txredisapi.RedisFactory", name, "queues/redis.py", _REDIS_WHY)
         for name in (

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_budget -*-
+# -*- test-case-name: tests.test_hostile_http,tests.test_exposure -*-
 """
 One memory budget for every request body the daemon is receiving.
 

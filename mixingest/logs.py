@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.test_admin_logs -*-
 """
 Logs as one flat JSON object per line, for log shippers (Vector, Fluent Bit,
 journald to Loki...).

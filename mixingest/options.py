@@ -359,6 +359,11 @@ class Options(usage.Options):
         self["route"] = {}
         self["redirect-allow"] = []
         self.argv: List[str] = []
+        self.redisPasswordInURL = False
+        """
+        The Redis password came in the C{--queue} URL, where every local user
+        can read it: the daemon warns at start.
+        """
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         # Kept for --workers: every worker is started with the same options.
@@ -423,11 +428,14 @@ class Options(usage.Options):
         else:
             password = os.environ.get(REDIS_PASSWORD_ENV) or None
             source = REDIS_PASSWORD_ENV
-        if password is None:
-            return
         from mixingest.queues.urls import RedisTarget  # see postOptions
 
         target = self["queue"]
+        if password is None:
+            self.redisPasswordInURL = (
+                isinstance(target, RedisTarget) and target.password is not None
+            )
+            return
         if not isinstance(target, RedisTarget):
             if path is None:
                 return

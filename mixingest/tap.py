@@ -18,13 +18,16 @@ inherits.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from typing import Any, Optional, cast
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 
 from mixingest.admin import AdminService
 from mixingest.api import IngestAPI
@@ -50,12 +53,15 @@ from mixingest.orphans import makeOrphanService
 from mixingest.queues.urls import JournalTarget, makeQueue
 from mixingest.ratelimit import RateLimiter
 from mixingest.reload import LimitsFile, Reloader, ReloadOnSignal, RoutesFile, SignalWorkers
+from mixingest.secretfiles import REDIS_PASSWORD_ENV
 from mixingest.systemd import Notifier, ReadyNotifier, Watchdog
 from mixingest.tokens import TokenList
 from mixingest.windows import TokenCounters
 from mixingest.workers import AdoptedListener, WorkerSupervisor, inheritedListeners
 
 __all__ = ["Options", "makeService"]
+
+log = Logger()
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService:
@@ -81,6 +87,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         )
         supervisor.setServiceParent(top)
         reloader.register("workers", SignalWorkers(supervisor))
+        _startWarnings(options, _limiterAtStart(options))
         _lifecycle(top, reactor, notifier, reloader, options)
         return top
     journal = Journal(
@@ -103,13 +110,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         drainTimeout=options["drain-timeout"],
         recent=RecentInsertIds(options["dedupe-size"], options["dedupe-ttl"]),
         counters=TokenCounters(options["max-tokens"]),
-        limiter=(
-            None
-            if options["rate-limit"] is None and options["global-rate-limit"] is None
-            else RateLimiter(
-                options["rate-limit"], options["max-tokens"], options["global-rate-limit"]
-            )
-        ),
+        limiter=_limiter(options),
         maxInFlight=options["max-in-flight"],
         maxBacklog=options["max-backlog"],
         live=LiveTap(reactor, options["live-sample"]),
@@ -138,6 +139,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         )
         limits.reload()
         reloader.register("--limits-file", limits)
+    if inherited is None:  # a worker's parent has warned
+        _startWarnings(options, funnel.limiter)
     api = IngestAPI(
         funnel,
         reactor,
@@ -175,6 +178,75 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
     ShutdownGrace(reactor, funnel, options["shutdown-grace"]).setServiceParent(top)
     _lifecycle(top, reactor, notifier, reloader, options)
     return top
+
+
+def _limiter(options: Options) -> Optional[RateLimiter]:
+    """
+    The limits of C{--rate-limit} and C{--global-rate-limit}, if any.
+    """
+    if options["rate-limit"] is None and options["global-rate-limit"] is None:
+        return None
+    return RateLimiter(options["rate-limit"], options["max-tokens"], options["global-rate-limit"])
+
+
+@attrs.define
+class _StartingLimits:
+    """
+    What L{LimitsFile} sets, for the parent of C{--workers N}: it has no
+    funnel, and reads the file only to know the limits its workers start
+    with.
+    """
+
+    limiter: Optional[RateLimiter]
+
+
+def _limiterAtStart(options: Options) -> Optional[RateLimiter]:
+    """
+    The limits the daemon starts with: the command line's, overridden by
+    C{--limits-file}.  A file that cannot be applied counts as absent here:
+    each worker refuses it, with the reason.
+    """
+    limits = _StartingLimits(_limiter(options))
+    if options["limits-file"] is not None:
+        with contextlib.suppress(OSError, ValueError):
+            LimitsFile(
+                options["limits-file"],
+                limits,
+                options["max-tokens"],
+                options["rate-limit"],
+                options["global-rate-limit"],
+            ).reload()
+    return limits.limiter
+
+
+def _startWarnings(options: Options, limiter: Optional[RateLimiter]) -> None:
+    """
+    Warn about settings that work but leave a door open, once per daemon:
+    by the single process, or by the parent of C{--workers N} (its workers
+    get the same options, and would only repeat it).
+
+    @param limiter: the rate limits the daemon starts with.
+    """
+    if (
+        limiter is not None
+        and limiter.rate is not None
+        and limiter.globalRate is None
+        and options["tokens"] is None
+    ):
+        # A default global limit could refuse legitimate traffic: say so
+        # instead, and leave the bound to the operator.
+        log.warn(
+            "the per-token rate limit does not bound a client that sends under a fresh "
+            "project token per request; bound it with --global-rate-limit (events/s for all "
+            "tokens together) or --tokens (the project tokens accepted)"
+        )
+    if options.redisPasswordInURL:
+        log.warn(
+            "the Redis password is in the --queue URL, which any local user can read in "
+            "/proc/PID/cmdline of this process and of every worker; give it with "
+            "--redis-password-file or {variable} instead",
+            variable=REDIS_PASSWORD_ENV,
+        )
 
 
 def _geolocator(

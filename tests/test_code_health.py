@@ -1,14 +1,17 @@
 """
 Names and imports that say what things are: the command line parses
-without importing the daemon, each option default is defined once, and each
-listener's site is named for what it serves.
+without importing the daemon, the journal does not depend on the queues
+built on it, each option default is defined once, and each listener's site
+is named for what it serves.
 """
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
@@ -45,6 +48,71 @@ def test_optionsImportNoDaemon() -> None:
 
     assert imported("mixingest.options") == ""
     assert imported("mixingest.tap") == " ".join(HEAVY)
+
+
+def queuesImported(source: str, package: str) -> List[str]:
+    """
+    The modules of C{mixingest.queues} that Python source of C{package}
+    imports anywhere (at the top, in a function, under C{TYPE_CHECKING}),
+    relative imports resolved.
+    """
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join([*parts[: len(parts) - node.level + 1], *filter(None, [base])])
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found += [n for n in names if n == "mixingest.queues" or n.startswith("mixingest.queues.")]
+    return found
+
+
+def test_journalImportsNoQueues() -> None:
+    """
+    C{mixingest.journal} is the layer the queues are built on: none of its
+    modules imports C{mixingest.queues}, directly or through another module
+    (the controls: such imports, written in each way, are found, and
+    C{mixingest.tap} does load the queues).
+    """
+    journal = ROOT / "mixingest" / "journal"
+    sources = sorted(journal.glob("*.py"))
+    assert len(sources) > 5
+    found = {p.name: queuesImported(p.read_text(), "mixingest.journal") for p in sources}
+    assert not any(found.values()), found
+    for control in (
+        "from mixingest.queues.base import Queue",
+        "import mixingest.queues.redis",
+        "from mixingest import queues",
+        "from ..queues import base",
+        "def later():\n    from .. import queues",
+    ):
+        assert queuesImported(control, "mixingest.journal"), control
+    assert queuesImported((ROOT / "mixingest" / "tap.py").read_text(), "mixingest")
+
+    script = (
+        "import sys, importlib, pkgutil; importlib.import_module(sys.argv[1]); "
+        "import mixingest.journal as j; "
+        "[importlib.import_module('mixingest.journal.' + m.name) "
+        "for m in pkgutil.iter_modules(j.__path__)]; "
+        "print(sorted(m for m in sys.modules if m.startswith('mixingest.queues')))"
+    )
+
+    def loaded(module: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", script, module],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    assert loaded("mixingest.journal") == "[]"
+    assert "'mixingest.queues'" in loaded("mixingest.tap")
 
 
 def test_listenersNamedForWhatTheyServe(tmp_path: Path) -> None:

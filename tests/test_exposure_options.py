@@ -5,12 +5,14 @@ their behaviour is tested in L{tests.test_exposure} and the unit tests.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 
 from mixingest.funnel import Funnel
@@ -89,3 +91,63 @@ def test_wired(tmp_path: Path) -> None:
     assert funnel.limiter is not None
     assert (funnel.limiter.rate, funnel.limiter.globalRate) == (None, 3)
     assert funnel.status()["http"] == site.status()
+
+
+def rotationWarnings(*args: str) -> List[str]:
+    """
+    The warnings C{makeService} logs about tokens rotated past the
+    per-token rate limit, for these options.
+    """
+    events: List[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        makeService(parse(*args), MemoryReactorClock())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [
+        formatEvent(e)
+        for e in events
+        if e.get("log_level") == LogLevel.warn and "fresh project token" in formatEvent(e)
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, limits, warned",
+    [
+        (["--rate-limit=5"], None, True),
+        ([], {"rate_limit": 5}, True),
+        (["--rate-limit=5", "--workers=2"], None, True),
+        (["--rate-limit=5", "--global-rate-limit=50"], {"global_rate_limit": None}, True),
+        (["--rate-limit=5", "--global-rate-limit=50"], None, False),
+        (["--rate-limit=5"], {"global_rate_limit": 50}, False),
+        (["--rate-limit=5", "--workers=2"], {"global_rate_limit": 50}, False),
+        (["--rate-limit=5", "--tokens=TOKENS"], None, False),
+        (["--rate-limit=5"], {"rate_limit": None}, False),
+        ([], None, False),
+    ],
+)
+def test_rotatingTokensWarned(
+    tmp_path: Path, args: List[str], limits: Optional[dict], warned: bool
+) -> None:
+    """
+    A per-token rate limit alone (from the command line or a limits file,
+    in one process or the parent of workers) is logged once as no bound
+    on a client rotating tokens, naming the two options that bound it;
+    with either of them, nothing is logged.
+    """
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text('["a"]')
+    tokens.chmod(0o600)
+    args = [a.replace("TOKENS", str(tokens)) for a in args]
+    if limits is not None:
+        path = tmp_path / "limits.json"
+        path.write_text(json.dumps(limits))
+        args.append(f"--limits-file={path}")
+    found = rotationWarnings(
+        f"--data-dir={tmp_path / 'data'}", "--listen=tcp:0", "--shutdown-grace=0", *args
+    )
+    if warned:
+        [warning] = found
+        assert "--global-rate-limit" in warning and "--tokens" in warning
+    else:
+        assert found == []

@@ -1,6 +1,7 @@
 """
 Tests for secrets kept out of the process list: the Redis password from a
-file or the environment, and the warning for a file others may read.
+file or the environment, the warning for a file others may read, and the
+one for a password left in the C{--queue} URL.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ import os
 from pathlib import Path
 
 import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from mixingest.options import Options
 from mixingest.queues.urls import JournalTarget, RedisTarget
 from mixingest.secretfiles import REDIS_PASSWORD_ENV, readSecretFile
+from mixingest.tap import makeService
 
 
 def parse(*args: str) -> Options:
@@ -88,3 +91,40 @@ def test_warnsWhenOthersMayRead(tmp_path: Path) -> None:
     assert warning["log_level"] == LogLevel.warn
     assert "chmod 600" in warning["log_format"]
     assert os.stat(secret).st_mode & 0o044
+
+
+def startWarnings(tmp_path: Path, *args: str) -> list[str]:
+    """
+    Every event C{makeService} logs at warning level, in full (its format,
+    fields and text), for these options.
+    """
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        makeService(
+            parse(f"--data-dir={tmp_path / 'data'}", "--listen=tcp:0", *args), MemoryReactorClock()
+        )
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [f"{formatEvent(e)} {e!r}" for e in events if e.get("log_level") == LogLevel.warn]
+
+
+@pytest.mark.parametrize("workers", ["--workers=1", "--workers=2"])
+def test_passwordInURLWarned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str) -> None:
+    """
+    A password in the C{--queue} URL is logged once (by the process started,
+    not by each worker), naming the two other ways to give it, and never
+    logged itself; given by a file or the environment, it is not warned
+    about.
+    """
+    [warning] = startWarnings(tmp_path, "--queue=redis://:s3cret-pw@127.0.0.1:1/0", workers)
+    assert "/proc/PID/cmdline" in warning
+    assert "--redis-password-file" in warning and REDIS_PASSWORD_ENV in warning
+    assert "s3cret-pw" not in warning
+    secret = tmp_path / "redis.pass"
+    secret.write_text("s3cret-pw")
+    secret.chmod(0o600)
+    url = "--queue=redis://127.0.0.1:1/0"
+    assert startWarnings(tmp_path, url, f"--redis-password-file={secret}", workers) == []
+    monkeypatch.setenv(REDIS_PASSWORD_ENV, "s3cret-pw")
+    assert startWarnings(tmp_path, url, workers) == []

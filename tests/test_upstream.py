@@ -6,6 +6,7 @@ newest releases by tox's C{newest} environment).
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, Dict
 
 import pytest
@@ -13,6 +14,7 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import FileLogObserver, globalLogPublisher
 from twisted.python.reflect import namedAny
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -45,6 +47,9 @@ INSTANCES: Dict[str, Callable[[], Any]] = {
     "twisted.web.http.HTTPChannel": _channel,
     "twisted.web.server.Site": lambda: Site(Resource()),
     "txredisapi.RedisFactory": _redisFactory,
+    # reload.py reads the global publisher itself, so the check does too.
+    "twisted.logger.LogPublisher": lambda: globalLogPublisher,
+    "twisted.logger.FileLogObserver": lambda: FileLogObserver(io.StringIO(), str),
 }
 
 
