@@ -76,6 +76,8 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mixingest.journal.service import makePrivateDirectories
+
 __all__ = [
     "FDS_ENV",
     "AdoptedListener",
@@ -401,7 +403,8 @@ class WorkerSupervisor(Service):
         if not self._sockets:
             self.privilegedStartService()
         super().startService()
-        os.makedirs(self._dataDir, exist_ok=True)
+        # The workers' journals go inside: as private as the ones they make.
+        makePrivateDirectories(self._dataDir, durable=True)
         for index in range(self.count):
             self._start(index)
 

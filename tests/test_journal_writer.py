@@ -672,14 +672,17 @@ def test_intervalFsyncFailureCounted(started, tmp_path, logged):
 def test_fileModes(started, tmp_path):
     """
     Segments and checkpoints hold client IPs: only the owner may read them,
-    whatever the umask allows.
+    whatever the umask allows.  So are the directories the journal creates
+    (C{DATA_DIR}, any missing parent of it, each queue's) and the files
+    beside the queues (the lock, the journal's identity).
     """
+    dataDir = tmp_path / "state" / "data"
     old = os.umask(0o022)
     try:
-        journal = started(tmp_path)
+        journal = started(dataDir)
         yield journal.put("q", [item(0)])
         yield journal.stopService()
-        reader = JournalReader(str(tmp_path / "q"), "fwd")
+        reader = JournalReader(str(dataDir / "q"), "fwd")
         reader.commit(Position(0, HEADER_SIZE + RECORD, 1, zlib.crc32(item(0))))
     finally:
         os.umask(old)
@@ -687,6 +690,10 @@ def test_fileModes(started, tmp_path):
     def mode(path):
         return stat.S_IMODE(os.stat(path).st_mode)
 
-    assert mode(tmp_path / "q") == 0o700
-    assert mode(segmentPath(str(tmp_path / "q"), 0)) == 0o600
-    assert mode(tmp_path / "q" / "checkpoint.fwd") == 0o600
+    assert mode(tmp_path / "state") == 0o700
+    assert mode(dataDir) == 0o700
+    assert mode(dataDir / "lock") == 0o600
+    assert mode(dataDir / "journal-id") == 0o600
+    assert mode(dataDir / "q") == 0o700
+    assert mode(segmentPath(str(dataDir / "q"), 0)) == 0o600
+    assert mode(dataDir / "q" / "checkpoint.fwd") == 0o600

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -200,6 +201,10 @@ def test_workersShareThePortAndSurviveAKill(workers: Tuple[Daemon, int]) -> None
     """
     daemon, admin = workers
     assert daemon.process is not None
+    # The parent makes DATA_DIR, the workers their journals in it: all
+    # private, whatever the umask.
+    for directory in (daemon.dataDir, daemon.dataDir / "worker-0", daemon.dataDir / "worker-1"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
     sent = []
     for _ in range(100):
         sent.append(uuid.uuid4().hex[:32])

@@ -48,6 +48,7 @@ __all__ = [
     "JournalLocked",
     "RetentionExceeded",
     "autoMaxBytes",
+    "makePrivateDirectories",
 ]
 
 AUTO_SHARE = 0.9
@@ -81,7 +82,7 @@ part of it.
 MIN_SEGMENT_SIZE = 64 * 1024
 
 
-def _makeDirectories(path: str, durable: bool) -> None:
+def makePrivateDirectories(path: str, durable: bool) -> None:
     """
     Create C{path} and its missing parents, private to the daemon's user;
     if C{durable}, make each new entry durable by fsyncing its parent, or
@@ -216,7 +217,7 @@ class Journal(Service):
         @raise JournalFormatError: for a segment of an unknown format: the
             daemon must not start and skip it silently.
         """
-        _makeDirectories(self.dataDir, durable=self.policy.syncsEver)
+        makePrivateDirectories(self.dataDir, durable=self.policy.syncsEver)
         fd = os.open(os.path.join(self.dataDir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
