@@ -4,7 +4,9 @@
 // Usage: node browser.js '<json config>'; prints one JSON line of results.
 // Config: {page: "http://127.0.0.1:P/page.html", origin: "http://127.0.0.1:P",
 //          api: "http://127.0.0.1:Q", chromium: "/usr/bin/chromium",
-//          scenarios: [{name, token, hide?: true}]}.  Called by test_sdk_browser.py.
+//          scenarios: [{name, token, hide?: true, headers?: {...}}]}; headers are
+//          sent with every request of the scenario's context (Playwright's
+//          extraHTTPHeaders).  Called by test_sdk_browser.py.
 // Playwright's launch() gives Chromium a fresh temporary profile each run.
 "use strict";
 
@@ -20,7 +22,7 @@ function sleep(ms) {
 }
 
 async function runScenario(browser, scenario) {
-  const context = await browser.newContext();
+  const context = await browser.newContext({ extraHTTPHeaders: scenario.headers || {} });
   const page = await context.newPage();
   const requests = [];
   const pending = new Map(); // request -> settle(failure)

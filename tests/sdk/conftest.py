@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.daemon import freePort  # noqa: E402
+from tests.daemon import Daemon, freePort  # noqa: E402
 from tests.sdk.harness import (  # noqa: E402
     ENABLE,
     Certificate,
@@ -56,6 +56,35 @@ def mixingest(
         yield running
     finally:
         running.daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def dropsIP(
+    tmp_path_factory: pytest.TempPathFactory, certificate: Certificate
+) -> Iterator[SDKDaemon]:
+    """
+    A daemon with C{--geoip} and nothing else about addresses, so that it
+    stores none (what an operator gets without C{--keep-ip}); it believes
+    C{X-Forwarded-For} from loopback (C{--trusted-proxy 127.0.0.1}, as behind
+    a proxy on the same host), so a browser's requests can come from a
+    public address.  The L{mixingest} daemon keeps them (C{--keep-ip}).
+    """
+    try:
+        from _maxminddb_geolite2 import geolite2_database
+    except ImportError:
+        pytest.skip("maxminddb-geolite2 (a test extra) is not installed")
+    sslPort = freePort()
+    daemon = Daemon(
+        tmp_path_factory.mktemp("drops-ip"),
+        f"--listen=ssl:{sslPort}:privateKey={certificate.key}:certKey={certificate.cert}"
+        ":interface=127.0.0.1",
+        f"--geoip={geolite2_database()}",
+        "--trusted-proxy=127.0.0.1",
+    ).start()
+    try:
+        yield SDKDaemon(daemon, sslPort)
+    finally:
+        daemon.stop()
 
 
 @pytest.fixture

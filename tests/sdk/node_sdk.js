@@ -1,7 +1,8 @@
 // Drive the official Node SDK (npm `mixpanel`), unmodified, at mixingest.
 // Usage: node node_sdk.js '<json config>'; prints one JSON line of results.
 // Config: {http: "127.0.0.1:PORT", https: "127.0.0.1:PORT", token, importToken,
-//          secret, weekAgoMs, unusual}.  Called by test_sdk_node.py.
+//          secret, weekAgoMs, unusual}, or {locate: {http, token, ip, profileIP}}
+//          for the geolocation calls alone.  Called by test_sdk_node.py.
 "use strict";
 
 const Mixpanel = require("mixpanel");
@@ -140,6 +141,15 @@ async function overHTTPS() {
   );
 }
 
+// Server-side code gives its user's address: the event's `ip` property and
+// a profile update's `$ip` (the SDK itself sends ip=0).
+async function locate() {
+  const target = config.locate;
+  const mp = Mixpanel.init(target.token, { host: target.http, protocol: "http" });
+  await call("track", (cb) => mp.track("Located", { distinct_id: "u-1", ip: target.ip }, cb));
+  await call("people.set", (cb) => mp.people.set("u-1", { plan: "pro" }, { $ip: target.profileIP }, cb));
+}
+
 const quietLogger = {
   trace() {},
   debug() {},
@@ -149,8 +159,12 @@ const quietLogger = {
 };
 
 (async () => {
-  await overHTTP();
-  await overHTTPS();
+  if (config.locate) {
+    await locate();
+  } else {
+    await overHTTP();
+    await overHTTPS();
+  }
   console.log(JSON.stringify(results));
   // keepAlive agents would hold the process open.
   process.exit(0);

@@ -106,21 +106,19 @@ def pageServer(nodeModules: Path) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.fixture(scope="module")
-def browser(node: NodeRunner, mixingest: SDKDaemon, pageServer: str) -> Dict[str, Any]:
+def runBrowser(
+    node: NodeRunner, daemon: SDKDaemon, pageServer: str, scenarios: List[Dict[str, Any]]
+) -> Dict[str, Any]:
     """
-    Every scenario, each in a fresh browser context, in one Chromium.
+    The scenarios, each in a fresh browser context, in one Chromium.
     """
     chromium = requireTool("chromium", "chromium")
-    scenarios = [
-        {"name": name, "token": tokenFor(name), "hide": name == "beacon_hide"} for name in SCENARIOS
-    ]
     result: Dict[str, Any] = node.run(
         "browser.js",
         {
             "page": pageServer + "/page.html",
             "origin": pageServer,
-            "api": mixingest.http,
+            "api": daemon.http,
             "chromium": chromium,
             "scenarios": scenarios,
         },
@@ -129,6 +127,36 @@ def browser(node: NodeRunner, mixingest: SDKDaemon, pageServer: str) -> Dict[str
     result["started"] = time.time()
     result["origin"] = pageServer
     return result
+
+
+@pytest.fixture(scope="module")
+def browser(node: NodeRunner, mixingest: SDKDaemon, pageServer: str) -> Dict[str, Any]:
+    """
+    Every scenario.
+    """
+    scenarios = [
+        {"name": name, "token": tokenFor(name), "hide": name == "beacon_hide"} for name in SCENARIOS
+    ]
+    return runBrowser(node, mixingest, pageServer, scenarios)
+
+
+PUBLIC = "81.2.69.142"
+"""
+The address of the Python SDK's test_geolocation, in Willesden, England, GB
+in the GeoLite2 City database of C{maxminddb-geolite2}.
+"""
+LOCATED_TOKEN = "tok-web-located"
+
+
+@pytest.fixture(scope="module")
+def located(node: NodeRunner, dropsIP: SDKDaemon, pageServer: str) -> Dict[str, Any]:
+    """
+    The people scenario (an event and profile updates) again, every request
+    with C{X-Forwarded-For: PUBLIC}, to a daemon that believes it from
+    loopback and keeps no address: a browser behind a public address.
+    """
+    scenarios = [{"name": "people", "token": LOCATED_TOKEN, "headers": {"X-Forwarded-For": PUBLIC}}]
+    return runBrowser(node, dropsIP, pageServer, scenarios)
 
 
 def scenario(browser: Dict[str, Any], name: str) -> Dict[str, Any]:
@@ -374,3 +402,45 @@ def test_jsonpFallback(browser: Dict[str, Any], mixingest: SDKDaemon) -> None:
     assert events["JSONP Callback"]["properties"]["text"] == UNUSUAL
     people = mixingest.waitFor("people", token, 1)
     assert any(p.get("$set", {}).get("plan") == "jsonp" for p in people)
+
+
+def test_geolocatedByForwardedFor(located: Dict[str, Any], dropsIP: SDKDaemon) -> None:
+    """
+    With C{--geoip} the event and the C{$set} updates arrive located by the
+    client address the trusted proxy forwarded, and no item holds the
+    address (no C{--keep-ip}); C{$set_once}, C{$add}... and C{/groups} are
+    not located, as with Mixpanel.
+    """
+    ran = scenario(located, "people")
+    requests = apiRequests(ran)
+    assert {urlsplit(r["url"]).path for r in requests} == {"/track/", "/engage/", "/groups/"}
+    for request in requests:
+        assert request["requestHeaders"]["x-forwarded-for"] == PUBLIC
+        assert query(request)["ip"] == "1"
+        checkCORS(located, request)
+    (identify,) = dropsIP.waitFor("events", LOCATED_TOKEN, 1)
+    props = identify["properties"]
+    assert identify["event"] == "$identify"
+    assert (props["$city"], props["$region"], props["mp_country_code"]) == (
+        "Willesden",
+        "England",
+        "GB",
+    )
+    assert "ip" not in props
+
+    people = dropsIP.waitFor("people", LOCATED_TOKEN, 7)
+    sets = [u["$set"] for u in people if "$set" in u]
+    assert any(s.get("plan") == "pro" for s in sets)
+    for update in people:
+        assert "$ip" not in update
+        if "$set" in update:
+            where = update["$set"]
+            assert (where["$city"], where["$region"], where["$country_code"]) == (
+                "Willesden",
+                "England",
+                "GB",
+            )
+    setOnce = [u["$set_once"] for u in people if "$set_once" in u]
+    assert setOnce and all("$city" not in s and "$country_code" not in s for s in setOnce)
+    (group,) = dropsIP.waitFor("groups", LOCATED_TOKEN, 1)
+    assert group["$set"] == {"name": "Acme", "text": UNUSUAL}

@@ -8,7 +8,7 @@ items checked on the queue.  tests/sdk/node_sdk.js makes the calls.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -86,6 +86,7 @@ def test_track(run: Dict[str, Any], mixingest: SDKDaemon) -> None:
     assert test["properties"]["distinct_id"] == "u-1"
     (geo,) = events["Geolocated"]
     assert geo["properties"]["ip"] == "127.0.0.1"
+    assert "mp_country_code" not in geo["properties"], "loopback has no location"
 
 
 def test_trackBatch(run: Dict[str, Any], mixingest: SDKDaemon) -> None:
@@ -170,3 +171,62 @@ def test_importOverHTTPS(run: Dict[str, Any], mixingest: SDKDaemon) -> None:
         assert event["properties"]["text"] == UNUSUAL
     assert len(events["Secure Track"]) == 1
     assert len(events["Service Account"]) == 1
+
+
+PUBLIC = "81.2.69.142"
+PROFILE_IP = "89.160.20.112"
+"""
+The addresses of the Python SDK's test_geolocation, located in the GeoLite2
+City database of C{maxminddb-geolite2}.
+"""
+
+
+def locate(node: NodeRunner, daemon: SDKDaemon, token: str) -> Tuple[Dict[str, Any], ...]:
+    """
+    An event whose C{ip} property is a public address and a profile C{$set}
+    with a public C{$ip}, as server-side code sends them; both as stored.
+    """
+    result = node.run(
+        "node_sdk.js",
+        {
+            "locate": {
+                "http": daemon.httpHost,
+                "token": token,
+                "ip": PUBLIC,
+                "profileIP": PROFILE_IP,
+            }
+        },
+    )
+    assert result["errors"] == {"track": None, "people.set": None}
+    (event,) = daemon.waitFor("events", token, 1)
+    (update,) = daemon.waitFor("people", token, 1)
+    props = event["properties"]
+    assert (props["$city"], props["$region"], props["mp_country_code"]) == (
+        "Willesden",
+        "England",
+        "GB",
+    )
+    assert (update["$set"]["$city"], update["$set"]["$country_code"]) == ("Stockholm", "SE")
+    assert "mp_country_code" not in update["$set"]
+    return event, update
+
+
+def test_geolocationKeepIP(node: NodeRunner, mixingest: SDKDaemon, token: str) -> None:
+    """
+    With C{--geoip} the Node SDK's events and profile updates arrive
+    located; C{--keep-ip} (the L{mixingest} daemon's) stores the addresses.
+    """
+    if not any(a.startswith("--geoip=") for a in mixingest.daemon.args):
+        pytest.skip("maxminddb-geolite2 (a test extra) is not installed")
+    event, update = locate(node, mixingest, token)
+    assert event["properties"]["ip"] == PUBLIC
+    assert update["$ip"] == PROFILE_IP
+
+
+def test_geolocationDropsTheAddress(node: NodeRunner, dropsIP: SDKDaemon, token: str) -> None:
+    """
+    By default (no C{--keep-ip}) the located items hold no address.
+    """
+    event, update = locate(node, dropsIP, token)
+    assert "ip" not in event["properties"]
+    assert "$ip" not in update
