@@ -27,6 +27,21 @@ from tests.daemon import ROOT
 HEAVY = ("klein", "txredisapi", "mixingest.funnel", "mixingest.api", "mixingest.admin")
 
 
+def afterImporting(module: str, script: str) -> str:
+    """
+    What C{script} prints in a fresh interpreter that has imported
+    C{module} (its C{sys.argv[1]}): only a new process shows what an import
+    loads.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", script, module],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def test_optionsImportNoDaemon() -> None:
     """
     C{mixingest.options} imports neither Klein, txredisapi nor the daemon's
@@ -36,18 +51,8 @@ def test_optionsImportNoDaemon() -> None:
         "import sys, importlib; importlib.import_module(sys.argv[1]); "
         f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
-
-    def imported(module: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-c", script, module],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    assert imported("mixingest.options") == ""
-    assert imported("mixingest.tap") == " ".join(HEAVY)
+    assert afterImporting("mixingest.options", script) == ""
+    assert afterImporting("mixingest.tap", script) == " ".join(HEAVY)
 
 
 def queuesImported(source: str, package: str) -> List[str]:
@@ -101,18 +106,8 @@ def test_journalImportsNoQueues() -> None:
         "for m in pkgutil.iter_modules(j.__path__)]; "
         "print(sorted(m for m in sys.modules if m.startswith('mixingest.queues')))"
     )
-
-    def loaded(module: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-c", script, module],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    assert loaded("mixingest.journal") == "[]"
-    assert "'mixingest.queues'" in loaded("mixingest.tap")
+    assert afterImporting("mixingest.journal", script) == "[]"
+    assert "'mixingest.queues'" in afterImporting("mixingest.tap", script)
 
 
 def test_listenersNamedForWhatTheyServe(tmp_path: Path) -> None:
