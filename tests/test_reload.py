@@ -36,6 +36,7 @@ from mixingest.reload import (
 from mixingest.systemd import Notifier
 from tests.daemon import Daemon, encoded
 from tests.test_funnel import HeldQueue
+from tests.test_workers import startDaemon, stopDaemon
 
 WAIT = 20.0
 
@@ -396,16 +397,16 @@ def test_sighupReachesTheWorkers(tmp_path: Path) -> None:
     """
     Under C{--workers}, SIGHUP to the parent reloads every worker; nobody
     dies of it.  (A worker gets SIGHUP's default action until its own
-    handler is installed: the test waits until both serve.)
+    handler is installed: the daemon is started once every worker serves,
+    on admin ports that were all free, since worker K listens on the
+    configured port plus K.)
     """
     secrets = tmp_path / "secrets.json"
     write(secrets, {"tok": "s1"})
-    daemon = Daemon(tmp_path, "--workers=2", f"--import-secrets={secrets}").start()
+    daemon, _ = startDaemon(tmp_path, 2, f"--import-secrets={secrets}")
     process = daemon.process
     assert process is not None
     try:
-        admins = [Daemon(tmp_path, port=daemon.adminPort + k) for k in (0, 1)]
-        waitFor(lambda: all(_answers(admin) for admin in admins), "both workers running")
         write(secrets, {"tok": "s2"})
         process.send_signal(signal.SIGHUP)
         waitFor(
@@ -416,21 +417,8 @@ def test_sighupReachesTheWorkers(tmp_path: Path) -> None:
             assert daemon.request("/import", imported(), basic("s2"))[0] == 200
         assert process.poll() is None
         assert "restart" not in daemon.log()
-        daemon.terminate()
     finally:
-        if process.poll() is None:
-            daemon.kill()
-
-
-def _answers(admin: Daemon) -> bool:
-    """
-    Whether a worker's admin endpoint answers: its reactor runs, so its
-    SIGHUP handler is installed.
-    """
-    try:
-        return admin.request("/healthz", timeout=1)[0] == 200
-    except OSError:
-        return False
+        stopDaemon(daemon)
 
 
 def _line(log: str, prefix: str) -> str:
