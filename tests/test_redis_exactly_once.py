@@ -32,7 +32,13 @@ from mixingest.queues.base import ResolvableQueue
 from mixingest.queues.forwarding import ForwardingQueue
 from mixingest.queues.redis import RedisQueue
 from mixingest.queues.urls import makeQueue, parseQueueURL
-from tests.servers import RedisServer, redisServer, startRedis, waitUntil
+from tests.servers import (
+    RedisServer,
+    redisServer,
+    startRedis,
+    waitAOFRedisBinary,
+    waitUntil,
+)
 
 __all__ = ["redisServer"]  # the fixture, for pytest to find
 
@@ -327,24 +333,34 @@ async def test_replicasAcknowledge(redisServer: RedisServer, tmp_path: Path) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_replicasMissing(redisServer: RedisServer) -> None:
+async def test_replicasMissing(redisServer: RedisServer, tmp_path: Path) -> None:
     """
     With no replica to acknowledge it, a write is in doubt (it is on the
-    primary only), and settling it says it was stored.
+    primary only), and it stays in doubt until a replica has it: a fence
+    that called it stored from the primary's memory would have its
+    journaled copy skipped while the batch is on one machine only.  Once a
+    replica is there, the fence settles it as stored.
     """
     queue = await started(
         makeQueueOn(redisServer.host, redisServer.port, replicas=1, writeTimeout=0.2)
     )
+    replica = None
     try:
         with pytest.raises(InDoubt, match="0 of 1 replicas") as e:
             await queue.put("events", [b"x"])
+        with pytest.raises(QueueUnavailable, match="0 of 1 replicas"):
+            await queue.resolve("events", e.value.marker)
+        assert queue.status()["inDoubt"]
+        replica = startRedis(tmp_path / "replica", replicaOf=redisServer)
         assert await queue.resolve("events", e.value.marker) is True
         await waitUntil(lambda: not queue.status()["inDoubt"], what="the fence")
         assert queue.status()["foundStored"] == 1
         assert await queue.resolve("events", e.value.marker) is True
-        assert redisServer.items("events") == [b"x"]
+        assert replica.items("events") == [b"x"]
     finally:
         await queue.stopService()
+        if replica is not None:
+            replica.stop()
 
 
 def serverVersion(server: RedisServer) -> tuple[int, ...]:
@@ -386,16 +402,81 @@ async def test_waitAOFNeeds72(redisServer: RedisServer) -> None:
         await queue.stopService()
 
 
-@pytest_twisted.ensureDeferred
-async def test_waitAOF(redisServer: RedisServer) -> None:
-    version = serverVersion(redisServer)
-    if version < (7, 2):
-        pytest.skip(f"WAITAOF needs redis-server 7.2 or later; this one is {version}")
-    queue = await started(makeQueueOn(redisServer.host, redisServer.port, waitAOF=True))
+@pytest.fixture
+def waitAOFRedis(tmp_path: Path) -> Iterator[RedisServer]:
+    """
+    A running C{redis-server} 7.2 or later, with Redis's default fsync
+    policy (C{everysec}): C{WAITAOF} is what makes a write durable there.
+    """
+    server = RedisServer(waitAOFRedisBinary(), tmp_path / "redis-waitaof", appendfsync="everysec")
+    server.directory.mkdir()
+    server.start()
     try:
-        await queue.put("events", [b"x"])
-        assert redisServer.commandCalls("waitaof") == 1
+        yield server
     finally:
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waitAOF(waitAOFRedis: RedisServer) -> None:
+    """
+    With C{?wait=aof} a put is acknowledged after C{WAITAOF} on the
+    connection that wrote it (what it proves against a power cut:
+    tests/test_redis_power_loss.py).  Under C{everysec} C{WAITAOF} waits
+    for Redis's next fsync, up to a second: the write timeout must leave
+    it that long.
+    """
+    assert serverVersion(waitAOFRedis) >= (7, 2)
+    queue = await started(
+        makeQueueOn(waitAOFRedis.host, waitAOFRedis.port, waitAOF=True, writeTimeout=3.0)
+    )
+    try:
+        await queue.put("events", [b"x", b"y"])
+        await queue.put("events", [b"z"])
+        assert waitAOFRedis.commandCalls("waitaof") == 2
+        assert waitAOFRedis.items("events") == [b"x", b"y", b"z"]
+    finally:
+        await queue.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waitAOFWithoutAppendonly(waitAOFRedis: RedisServer) -> None:
+    """
+    A server whose append-only file is off cannot fsync anything:
+    C{WAITAOF} fails, so the put is not acknowledged (in doubt: the items
+    are in memory only) and the configuration error is logged once.  The
+    fence cannot settle it either: finding the batch in Redis's memory is
+    not finding it stored, since its journaled copy would then be skipped.
+    The control: without C{?wait=aof} the same server acknowledges the put.
+    """
+    waitAOFRedis.command("CONFIG", "SET", "appendonly", "no")
+    errors: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.error:
+            errors.append(formatEvent(event))
+
+    plain = await started(makeQueueOn(waitAOFRedis.host, waitAOFRedis.port))
+    try:
+        await plain.put("plain", [b"acknowledged, not durable"])
+    finally:
+        await plain.stopService()
+    globalLogPublisher.addObserver(observe)
+    queue = await started(makeQueueOn(waitAOFRedis.host, waitAOFRedis.port, waitAOF=True))
+    try:
+        with pytest.raises(InDoubt, match="WAITAOF failed"):
+            await queue.put("events", [b"x"])
+        assert waitAOFRedis.items("events") == [b"x"]
+        # The put's WAITAOF, then at least two fences' (each retried).
+        await waitUntil(lambda: waitAOFRedis.commandCalls("waitaof") >= 3, what="the fences")
+        status = queue.status()
+        assert (status["foundStored"], status["fenced"]) == (0, 0)
+        assert len(status["inDoubt"]) == 1
+        with pytest.raises(QueueUnavailable, match="in doubt"):
+            await queue.put("events", [b"y"])
+        assert len([e for e in errors if "WAITAOF failed" in e]) == 1, errors
+    finally:
+        globalLogPublisher.removeObserver(observe)
         await queue.stopService()
 
 

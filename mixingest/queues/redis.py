@@ -482,9 +482,7 @@ class RedisQueue(Service):
             first = self._seqs.get(queue, 0) + 1
             last = self._seqs[queue] = first + len(items) - 1
             args = scripts.pushArgs(self.prefix, queue, producer, self._markTTL, items, first=first)
-        d = Deferred.fromCoroutine(
-            self._write(scripts.PUSH_SHA, scripts.PUSH, 3, args, durable=True)
-        )
+        d = Deferred.fromCoroutine(self._write(scripts.PUSH_SHA, scripts.PUSH, 3, args))
         # Set before the callback, which clears it, may run (at once, when
         # there is no connection).
         lane.inFlight = d
@@ -545,12 +543,11 @@ class RedisQueue(Service):
             self.failed += len(put.items)
             put.d.errback(QueueUnavailable(f"redis {self.address}: {key}: an earlier write failed"))
 
-    async def _write(
-        self, sha: str, script: bytes, numKeys: int, args: Sequence[object], durable: bool
-    ) -> Any:
+    async def _write(self, sha: str, script: bytes, numKeys: int, args: Sequence[object]) -> Any:
         """
-        Run C{script} on one connection and, if C{durable}, the configured
-        C{WAIT}/C{WAITAOF} right behind it on the same connection.
+        Run C{script} on one connection and the configured C{WAIT}/C{WAITAOF}
+        right behind it on the same connection: a push and a fence's answer
+        count only once they are as durable as asked.
 
         @raise _NotSent: no usable connection.
         @raise _Refused: Redis answered the script with an error.
@@ -560,7 +557,7 @@ class RedisQueue(Service):
         conn = self._connection()
         if conn is None:
             raise _NotSent(self._unsupported or "not connected")
-        waits = durable and bool(self._replicas or self._waitAOF)
+        waits = bool(self._replicas or self._waitAOF)
         timeout = self._writeTimeout * (2 if waits else 1)
         timer = self._reactor.callLater(timeout, self._abort, conn)
         try:
@@ -680,9 +677,7 @@ class RedisQueue(Service):
 
     def _fence(self, prefix: str, queue: str, producer: str, seq: int) -> Deferred[bool]:
         args = scripts.fenceArgs(prefix, queue, producer, self._markTTL, seq)
-        d = Deferred.fromCoroutine(
-            self._write(scripts.FENCE_SHA, scripts.FENCE, 2, args, durable=False)
-        )
+        d = Deferred.fromCoroutine(self._write(scripts.FENCE_SHA, scripts.FENCE, 2, args))
 
         def answered(result: object) -> bool:
             if isinstance(result, Failure):

@@ -14,7 +14,10 @@ A write whose outcome is unknown (sent, then no answer) is settled by the
 fence script: if the mark has reached the batch's last number the batch was
 stored; otherwise the fence raises the mark to it, so that the late command
 pushes nothing whenever it arrives, and records that it fenced that batch, so
-that asking again gives the same answer.
+that asking again gives the same answer.  The fence is acknowledged like a
+push (C{WAIT}/C{WAITAOF} behind it on its connection): a batch found stored
+in Redis's memory but not yet fsynced or replicated is not called stored,
+since its journaled copy would then be skipped and a power cut lose it.
 
 Keys, under the list prefix (C{--redis-prefix}):
 
@@ -81,11 +84,15 @@ FENCE = b"""
 -- KEYS: the producer's mark for a list, the batches fenced off
 -- ARGV: TTL seconds, the in-doubt batch's last seq
 -- Returns 1 if the batch was stored, 0 if it was not and never will be.
+-- Every answer writes (at least a TTL refresh), so that a WAIT or WAITAOF
+-- behind it covers what it answered about.
 if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
   return 0
 end
 local mark = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if mark >= tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
   return 1
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
