@@ -17,7 +17,12 @@ BACKING MOUNTPOINT CONTROL}), so that it shares no interpreter lock with
 the test or the daemon.  C{CONTROL} is a UNIX socket: a line C{crash} is
 answered with what is being dropped and what was synced (a JSON object,
 see L{PowerLossFS.stats}) and the process exits at once, under the lock that
-every file operation takes, so nothing is made durable after the answer.
+every file operation takes, so nothing is made durable after the answer.  A
+line C{fail-fsync N} makes the next N fsyncs of files fail with EIO, the way
+Linux reports a writeback error: the file's unsynced bytes stay readable but
+are never written (their pages are marked clean), so a later fsync does not
+save them and a crash loses them (past the durable length they come back as
+zeros once a later fsync extends the file).
 
 Tests use L{PowerLossMount} (or the L{powerLossMount} fixture), which skips
 the test with a reason when FUSE cannot be used here.
@@ -93,6 +98,8 @@ class PowerLossFS:
         self.fsyncs = 0
         self.dirSyncs = 0
         self.lastFsync: Optional[float] = None
+        self.failFsyncs = 0
+        self.failedFsyncs = 0
         os.makedirs(os.path.join(backing, "data"), exist_ok=True)
         self._load()
 
@@ -144,7 +151,9 @@ class PowerLossFS:
     def stats(self) -> Dict[str, Any]:
         """
         What a crash now would drop (bytes not yet fsynced, directory
-        entries not yet made durable) and how often the daemon synced.
+        entries not yet made durable; not the bytes of failed fsyncs, which
+        are lost already), how often the daemon synced and when it last did
+        with success, and how many fsyncs failed.
         """
         droppedBytes = 0
         droppedEntries = 0
@@ -159,6 +168,7 @@ class PowerLossFS:
             "fsyncs": self.fsyncs,
             "dirSyncs": self.dirSyncs,
             "lastFsync": self.lastFsync,
+            "failedFsyncs": self.failedFsyncs,
         }
 
     # -- lookups
@@ -317,9 +327,14 @@ class PowerLossFS:
 
     def fsync(self, path: Optional[str], datasync: int, fh: int) -> int:
         with self._lock:
+            node = self._node(path, fh)
+            if self.failFsyncs:
+                self.failFsyncs -= 1
+                self.failedFsyncs += 1
+                node.dirtyFrom = None  # marked clean, never written
+                raise _error(errno.EIO)
             self.lastFsync = time.monotonic()
             self.fsyncs += 1
-            node = self._node(path, fh)
             if node.dirtyFrom is not None:
                 fd = os.open(self._dataPath(node.ino), os.O_WRONLY | os.O_CREAT, 0o600)
                 try:
@@ -392,8 +407,9 @@ def _error(code: int) -> OSError:
 
 def _serveControl(fs: PowerLossFS, path: str) -> None:
     """
-    Answer control commands on UNIX socket C{path}: C{stats}, or C{crash},
-    which answers and then ends the process with the lock held.
+    Answer control commands on UNIX socket C{path}: C{stats};
+    C{fail-fsync N}; or C{crash}, which answers and then ends the process
+    with the lock held.
     """
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
@@ -407,6 +423,8 @@ def _serveControl(fs: PowerLossFS, path: str) -> None:
                 connection.sendall(json.dumps(fs.stats()).encode() + b"\n")
                 os._exit(0)
             with fs._lock:
+                if command.startswith(b"fail-fsync "):
+                    fs.failFsyncs = int(command.split()[1])
                 connection.sendall(json.dumps(fs.stats()).encode() + b"\n")
 
 
@@ -539,6 +557,15 @@ class PowerLossMount:
         See L{PowerLossFS.stats}.
         """
         return self._command(b"stats")
+
+    def failFsyncs(self, count: int) -> Dict[str, Any]:
+        """
+        Make the next C{count} fsyncs of files fail with EIO, losing what
+        each would have made durable.
+
+        @return: L{PowerLossFS.stats} before the first failure.
+        """
+        return self._command(b"fail-fsync %d" % count)
 
     def crash(self) -> Dict[str, Any]:
         """
