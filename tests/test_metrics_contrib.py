@@ -78,6 +78,16 @@ FORWARDING: Dict[str, Any] = {
 }
 
 
+JOURNAL_ONLY: Dict[str, Any] = {
+    **FORWARDING["journal"],
+    "groups": {
+        "events": {"loader": {"nextSeq": 8, "lagItems": 3, "lagSeconds": 12.5, "lastCommit": 1e9}}
+    },
+    "retention": {"droppedSegments": 2, "droppedBytes": 4096, "expiredGroups": 0, "refusing": []},
+}
+"""The journal-only daemon's status: consumer groups and retention."""
+
+
 class StatusQueue(MemoryQueue):
     def __init__(self, status: Mapping[str, Any]) -> None:
         super().__init__()
@@ -109,16 +119,18 @@ def exposed() -> str:
 
 def exposedNames() -> Set[str]:
     """
-    Every series name the registry can produce, samples or not yet.
+    Every series name the registry can produce, samples or not yet, in
+    store-and-forward or journal-only mode.
     """
-    metrics = Metrics()
-    Funnel(StatusQueue(FORWARDING), Clock(), metrics=metrics)
-    PublicSite(MemoryQueue(), metrics=metrics, clock=Clock())  # type: ignore[arg-type]
     names: Set[str] = set()
-    for family in metrics.registry.collect():
-        names.add(family.name)
-        names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ()))
-        names.update(sample.name for sample in family.samples)
+    for status in (FORWARDING, JOURNAL_ONLY):
+        metrics = Metrics()
+        Funnel(StatusQueue(status), Clock(), metrics=metrics)
+        PublicSite(MemoryQueue(), metrics=metrics, clock=Clock())  # type: ignore[arg-type]
+        for family in metrics.registry.collect():
+            names.add(family.name)
+            names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ()))
+            names.update(sample.name for sample in family.samples)
     return names
 
 
@@ -175,6 +187,9 @@ def test_alertsCoverWhatTheIssueAsks() -> None:
         "MixingestFsyncSlow",
         "MixingestNotReady",
         "MixingestRefusalsSpiking",
+        "MixingestConsumerGroupLagging",
+        "MixingestRetentionRefusing",
+        "MixingestRetentionDropping",
     } <= alerts
 
 
