@@ -327,6 +327,34 @@ def checkKilled(lines: list, batch: int) -> int:
     return len(seqs) - len(set(seqs))
 
 
+def test_oneConsumerPerGroup(tmp_path):
+    """
+    While consume --follow runs, a second consume of its group and a reset
+    of its cursor fail with a clear error; another group reads.  Killed
+    with SIGKILL, the follower holds nothing: the group is free at once.
+    """
+    makeJournal(tmp_path, "events", 5)
+    lines: list = []
+    proc = startConsume(tmp_path, "--follow", "--batch", "2")
+    try:
+        readUntil(proc, lines, lambda lines: len(lines) >= 5)
+        second = run(*consumeArgs(tmp_path))
+        assert second.returncode == 1 and second.stdout == b""
+        assert b"consumer group 'g'" in second.stderr and b"in use" in second.stderr
+        reset = run("reset", str(tmp_path), "events", "--group", "g", "--to", "start")
+        assert reset.returncode == 1 and b"in use" in reset.stderr
+        other = run("consume", str(tmp_path), "events", "--group", "other")
+        assert len(other.stdout.splitlines()) == 5
+    finally:
+        proc.kill()
+        proc.stdout.close()
+        proc.wait(10)
+    after = run(*consumeArgs(tmp_path))
+    assert after.returncode == 0, after.stderr
+    # The follower's last batch ([4]) again, if the kill cut its commit.
+    assert after.stdout in (b"", item(4) + b"\n")
+
+
 def test_consumeFollowKilled(tmp_path):
     """
     consume --follow, killed with SIGKILL while writing and restarted:

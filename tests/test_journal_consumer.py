@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mixingest.journal import Consumer, Position, resetGroup
+from mixingest.journal import Consumer, GroupInUse, Position, resetGroup
 from mixingest.journal.consumer import HEARTBEAT, groupStatus
 from mixingest.journal.framing import HEADER_SIZE, RECORD_HEADER_SIZE, listSegments, segmentPath
 from mixingest.journal.fsync import FsyncPolicy
@@ -73,7 +73,7 @@ def test_uncommittedSeenAgain(tmp_path):
     consumer = Consumer(str(tmp_path), "events", "g")
     batch = consumer.poll(10)
     consumer.commit(batch[4].position)  # processed 0-4, then "killed"
-    del consumer
+    consumer.close()  # releases the group, commits nothing
     with Consumer(str(tmp_path), "events", "g") as again:
         assert numbers(drain(again)) == list(range(5, 20))
 
@@ -87,6 +87,27 @@ def test_groupsAreIndependent(tmp_path):
     with Consumer(str(tmp_path), "events", "a") as a:
         assert numbers(drain(a)) == [8, 9]
     assert listCheckpoints(str(tmp_path / "events")) == ["a", "b"]
+
+
+def test_oneConsumerPerGroup(tmp_path):
+    """
+    A second consumer of a group that is open is refused, and so is a
+    reset of its cursor, rather than both reading every item and
+    committing over each other; other groups are not affected, and the
+    group is free again once its consumer is closed.
+    """
+    write(tmp_path, 0, 3)
+    with Consumer(str(tmp_path), "events", "g") as first:
+        with pytest.raises(GroupInUse, match="'g'"):
+            Consumer(str(tmp_path), "events", "g")
+        with pytest.raises(GroupInUse):
+            resetGroup(str(tmp_path), "events", "g", "end")
+        with Consumer(str(tmp_path), "events", "other") as other:
+            assert numbers(drain(other)) == [0, 1, 2]
+        first.poll(2)
+        first.commit()
+    with Consumer(str(tmp_path), "events", "g") as again:
+        assert numbers(drain(again)) == [2]
 
 
 def test_readsWhatIsAppendedLater(tmp_path):

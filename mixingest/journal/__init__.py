@@ -9,7 +9,7 @@ requests.  L{Consumer} reads a queue as a consumer group with a durable
 cursor; C{python -m mixingest.journal} inspects and consumes a journal.
 """
 
-from mixingest.journal.consumer import Consumer, Record, resetGroup
+from mixingest.journal.consumer import Consumer, GroupInUse, Record, resetGroup
 from mixingest.journal.fsync import FsyncPolicy
 from mixingest.journal.reader import JournalReader, Position
 from mixingest.journal.retention import RetentionPolicy
@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_SEGMENT_SIZE",
     "Consumer",
     "FsyncPolicy",
+    "GroupInUse",
     "Journal",
     "JournalLocked",
     "JournalReader",

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, TextIO
 
 from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
-from mixingest.journal.consumer import Consumer, groupStatus, resetGroup
+from mixingest.journal.consumer import Consumer, GroupInUse, groupStatus, resetGroup
 from mixingest.journal.framing import (
     HEADER_SIZE,
     INCOMPLETE,
@@ -391,7 +391,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "reset":
             return _reset(args)
         return _stats(args.dataDir, args.json)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, GroupInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from mixingest.journal.framing import HEADER_SIZE, listSegments
 from mixingest.journal.fsync import syncDirectory
+from mixingest.journal.locks import exclusiveLock
 from mixingest.journal.reader import (
     JournalReader,
     Position,
@@ -33,6 +34,7 @@ __all__ = [
     "FORWARDER_GROUP",
     "HEARTBEAT",
     "Consumer",
+    "GroupInUse",
     "Record",
     "endPosition",
     "groupStatus",
@@ -49,6 +51,24 @@ Seconds after which an idle consumer rewrites its cursor unchanged, so that
 C{--group-expiry} tells a live consumer that has nothing to read from one that
 is gone.
 """
+
+
+class GroupInUse(Exception):
+    """
+    Another consumer of the group has the queue open (in this process or
+    another): two would both read every item and commit over each other.
+    """
+
+
+def _lockGroup(queueDir: str, group: str) -> int:
+    """
+    @return: the descriptor holding the group's lock (C{QUEUE/lock.GROUP}).
+    @raise GroupInUse: if another consumer holds it.
+    """
+    fd = exclusiveLock(os.path.join(queueDir, f"lock.{group}"))
+    if fd is None:
+        raise GroupInUse(f"consumer group {group!r} of {queueDir} is in use by another consumer")
+    return fd
 
 
 class Record(NamedTuple):
@@ -118,24 +138,29 @@ def positionBefore(queueDir: str, seq: int) -> Optional[Position]:
 
 def resetGroup(dataDir: str, queue: str, group: str, to: str) -> Optional[Position]:
     """
-    Move a group's cursor (creating the group if needed).  Stop the group's
-    consumers first: a running one would commit over it.
+    Move a group's cursor (creating the group if needed).  The group's
+    consumer must be stopped first: a running one would commit over it.
 
     @param to: C{"start"}, C{"end"} or a sequence number.
     @return: the new cursor (C{None}: the start of the queue).
     @raise ValueError: for a bad group, queue or C{to}.
+    @raise GroupInUse: while a consumer of the group runs.
     """
     _checkGroup(group)
-    queueDir = _queueDirectory(dataDir, queue)
-    if to == "start":
-        position = None
-    elif to == "end":
-        position = endPosition(queueDir)
-    elif to.isdigit():
-        position = positionBefore(queueDir, int(to))
-    else:
+    if to not in ("start", "end") and not to.isdigit():
         raise ValueError(f"reset to start, end or a sequence number, not {to!r}")
-    writeCheckpoint(queueDir, group, position)
+    queueDir = _queueDirectory(dataDir, queue)
+    lock = _lockGroup(queueDir, group)
+    try:
+        if to == "start":
+            position = None
+        elif to == "end":
+            position = endPosition(queueDir)
+        else:
+            position = positionBefore(queueDir, int(to))
+        writeCheckpoint(queueDir, group, position)
+    finally:
+        os.close(lock)
     return position
 
 
@@ -167,8 +192,8 @@ class Consumer:
     Delivery is at least once: after a crash, a consumer (of the same group)
     opened again resumes after the last commit, so it sees again exactly the
     items that were polled but not committed; never a gap.  One consumer per
-    group at a time: two would both read every item and commit over each
-    other.
+    group at a time, enforced by a lock (C{QUEUE/lock.GROUP}) that the
+    kernel releases if the consumer dies: a second one gets L{GroupInUse}.
 
     @ivar group: the group name.
     @ivar queueDir: the queue's directory.
@@ -190,6 +215,7 @@ class Consumer:
         @raise ValueError: for a bad queue or group name (C{forwarder} is
             reserved), or a damaged cursor file.
         @raise FileNotFoundError: if C{dataDir} does not exist.
+        @raise GroupInUse: if another consumer of the group is open.
         """
         _checkGroup(group)
         if start not in ("start", "end"):
@@ -197,11 +223,16 @@ class Consumer:
         self.group = group
         self.queueDir = _queueDirectory(dataDir, queue)
         self._clock = clock
-        if start == "end" and checkpointTime(self.queueDir, group) is None:
-            writeCheckpoint(self.queueDir, group, endPosition(self.queueDir))
-        else:
-            registerCheckpoint(self.queueDir, group)
-        self._reader = JournalReader(self.queueDir, group)
+        self._lock: Optional[int] = _lockGroup(self.queueDir, group)
+        try:
+            if start == "end" and checkpointTime(self.queueDir, group) is None:
+                writeCheckpoint(self.queueDir, group, endPosition(self.queueDir))
+            else:
+                registerCheckpoint(self.queueDir, group)
+            self._reader = JournalReader(self.queueDir, group)
+        except BaseException:
+            self._unlock()
+            raise
         self._written = clock()
 
     def __enter__(self) -> Consumer:
@@ -211,7 +242,16 @@ class Consumer:
         self.close()
 
     def close(self) -> None:
+        """
+        Close the reader and release the group for another consumer.
+        """
         self._reader.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     @property
     def committed(self) -> Optional[Position]:

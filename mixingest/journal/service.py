@@ -5,7 +5,6 @@ The journal as a queue backend and a Twisted service.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import secrets
 import time
@@ -23,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 from mixingest.errors import QueueUnavailable
 from mixingest.journal.framing import Marker, checkFormats, listSegments, segmentPath
 from mixingest.journal.fsync import FsyncPolicy, defaultSync, syncDirectory
+from mixingest.journal.locks import exclusiveLock
 from mixingest.journal.reader import (
     JournalReader,
     SegmentCounter,
@@ -218,12 +218,9 @@ class Journal(Service):
             daemon must not start and skip it silently.
         """
         makePrivateDirectories(self.dataDir, durable=self.policy.syncsEver)
-        fd = os.open(os.path.join(self.dataDir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise JournalLocked(f"journal directory {self.dataDir} is in use") from None
+        fd = exclusiveLock(os.path.join(self.dataDir, "lock"))
+        if fd is None:
+            raise JournalLocked(f"journal directory {self.dataDir} is in use")
         try:
             checkFormats(self.dataDir)
             self.source = self._loadSource()
