@@ -43,6 +43,7 @@ from mixingest.geoip import (
     GeoIPWatcher,
     Geolocator,
 )
+from mixingest.journal.framing import JournalFormatError, checkFormats
 from mixingest.journal.retention import RetentionPolicy
 from mixingest.journal.service import Journal
 from mixingest.lifecycle import OrderedMultiService, ShutdownGrace
@@ -57,11 +58,31 @@ from mixingest.secretfiles import REDIS_PASSWORD_ENV
 from mixingest.systemd import Notifier, ReadyNotifier, Watchdog
 from mixingest.tokens import TokenList
 from mixingest.windows import TokenCounters
-from mixingest.workers import AdoptedListener, WorkerSupervisor, inheritedListeners
+from mixingest.workers import (
+    AdoptedListener,
+    WorkerSupervisor,
+    inheritedListeners,
+    workerDirectory,
+)
 
 __all__ = ["Options", "makeService"]
 
 log = Logger()
+
+
+def _refuseUnknownFormats(dataDirs: list[str]) -> None:
+    """
+    Refuse to start, in one line naming the file and its version, on a
+    journal segment this release cannot read, before any listener binds.
+    (The journal checks again under its lock when it starts.)
+
+    @raise SystemExit: with that line, for twistd to print and exit 1.
+    """
+    for dataDir in dataDirs:
+        try:
+            checkFormats(dataDir)
+        except JournalFormatError as e:
+            raise SystemExit(f"mixingest: not starting: {e}") from None
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService:
@@ -75,6 +96,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         Watchdog(reactor, notifier).setServiceParent(top)
     reloader = Reloader(notifier)
     if options["workers"] > 1:
+        _refuseUnknownFormats(
+            [workerDirectory(options["data-dir"], k) for k in range(options["workers"])]
+        )
         makeOrphanService(options, reactor).setServiceParent(top)
         supervisor = WorkerSupervisor(
             reactor,
@@ -90,6 +114,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> MultiService
         _startWarnings(options, _limiterAtStart(options))
         _lifecycle(top, reactor, notifier, reloader, options)
         return top
+    _refuseUnknownFormats([options["data-dir"]])
     journal = Journal(
         options["data-dir"],
         policy=options["fsync"],
