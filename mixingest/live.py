@@ -26,6 +26,7 @@ import random
 from collections import deque
 from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -529,9 +530,10 @@ def _lastEventId(request: Request) -> Optional[int]:
     """
     raw = request.getHeader(b"last-event-id")
     if raw is None:
-        args = getattr(request, "args", {}) or {}
-        values = args.get(b"lastEventId")
-        raw = values[0].decode("latin-1") if values else None
+        # From the target itself: the hardened request leaves request.args
+        # empty (it skips Twisted's parse of every query).
+        values = parse_qs(request.uri.partition(b"?")[2]).get(b"lastEventId")
+        raw = values[0] if values else None
     if raw is None:
         return None
     try:

@@ -383,7 +383,8 @@ async def test_pageAndStreamOnTheAdminListenerOnly(running: Running) -> None:
 async def test_streamOverLoopback(running: Running) -> None:
     """
     A viewer on the admin listener sees a record sent to the public one;
-    reconnecting with C{Last-Event-ID} resumes after it.
+    reconnecting with C{Last-Event-ID}, or C{?lastEventId=} for a client
+    that cannot set headers, resumes after it.
     """
     url = f"http://127.0.0.1:{running.adminPort}/live/stream"
     response = await treq.get(url, unbuffered=True, persistent=False)
@@ -399,6 +400,10 @@ async def test_streamOverLoopback(running: Running) -> None:
     again = await treq.get(url, unbuffered=True, persistent=False, headers={"Last-Event-ID": "1"})
     text = await _readFrames(again, b"id: 2\n")
     assert b"id: 1\n" not in text
+    await running.get(f"/track?data={bad}", public=True)
+    byQuery = await treq.get(url + "?lastEventId=2", unbuffered=True, persistent=False)
+    text = await _readFrames(byQuery, b"id: 3\n")
+    assert b"id: 1\n" not in text and b"id: 2\n" not in text
     running.funnel.live.stop()
     await deferLater(reactor, 0.05, lambda: None)
     assert not running.funnel.live.active
