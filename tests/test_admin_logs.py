@@ -10,13 +10,14 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
 
 from mixingest.logs import eventAsJSONLine, jsonLogger
 from tests.daemon import ROOT, Daemon, freePort, twistdCommand, waitForPort
+from tests.test_workers import adjacentFreePorts, healthy, waitFor
 
 
 def captured() -> tuple[Logger, List[Dict[str, Any]]]:
@@ -55,8 +56,17 @@ def test_observerFactory() -> None:
     assert ILogObserver.providedBy(jsonLogger())
 
 
-def test_daemonLogsJSONAndAccessLog(tmp_path: Path) -> None:
-    port, output = freePort(), tmp_path / "stdout"
+def jsonLogged(
+    tmp_path: Path, port: int, admin: int, *args: str, meanwhile: Callable[[], None]
+) -> List[Dict[str, Any]]:
+    """
+    Run the daemon with twistd's C{--logger=mixingest.logs.jsonLogger} on
+    C{port} and admin port C{admin}, call C{meanwhile} once it runs, stop it
+    with SIGTERM.
+
+    @return: every JSON line it logged.
+    """
+    output = tmp_path / "stdout"
     command = [
         *twistdCommand(),
         "--nodaemon",
@@ -64,9 +74,9 @@ def test_daemonLogsJSONAndAccessLog(tmp_path: Path) -> None:
         "--logger=mixingest.logs.jsonLogger",
         "mixingest",
         f"--listen=tcp:{port}:interface=127.0.0.1",
-        f"--admin-listen=tcp:{freePort()}:interface=127.0.0.1",
+        f"--admin-listen=tcp:{admin}:interface=127.0.0.1",
         f"--data-dir={tmp_path / 'data'}",
-        "--access-log",
+        *args,
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with output.open("wb") as out:
@@ -74,14 +84,43 @@ def test_daemonLogsJSONAndAccessLog(tmp_path: Path) -> None:
             command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
         )
         try:
-            waitForPort(port, process)
-            client = Daemon(tmp_path, port=port)
-            assert client.request("/track?data=W10%3D")[0] == 200
+            meanwhile()
         finally:
             process.send_signal(signal.SIGTERM)
-            assert process.wait(30) == -signal.SIGTERM
+            assert process.wait(60) == -signal.SIGTERM
     records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
+    return records
+
+
+def test_daemonLogsJSONAndAccessLog(tmp_path: Path) -> None:
+    port = freePort()
+
+    def request() -> None:
+        waitForPort(port)
+        assert Daemon(tmp_path, port=port).request("/track?data=W10%3D")[0] == 200
+
+    records = jsonLogged(tmp_path, port, freePort(), "--access-log", meanwhile=request)
     messages = [r["message"] for r in records]
     assert any('"GET /track?data=W10%3D HTTP/1.1" 200' in m for m in messages), messages
     assert "Server Shut Down." in messages
-    assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
+
+
+def test_workersLogThroughTheParentsLogger(tmp_path: Path) -> None:
+    """
+    Under C{--workers}, twistd's C{--logger} (given before C{mixingest})
+    applies to every worker: their lines come out of the parent's JSON
+    logger, with C{system} naming the worker.
+    """
+    admin = adjacentFreePorts(2)
+    records = jsonLogged(
+        tmp_path,
+        freePort(),
+        admin,
+        "--workers=2",
+        "--fsync=never",
+        meanwhile=lambda: waitFor(lambda: healthy(admin) and healthy(admin + 1), "both workers"),
+    )
+    for system in ("worker-0", "worker-1"):
+        messages = [r["message"] for r in records if r.get("system") == system]
+        assert "Server Shut Down." in messages, (system, messages)
