@@ -345,11 +345,22 @@ def waitFor(check: Any, what: str) -> None:
 
 
 def test_sighupUnderLoad(tmp_path: Path) -> None:
+    """
+    SIGHUP on the real daemon under load reloads C{--import-secrets},
+    C{--routes-file} and C{--tokens} and reopens the log file; a reload
+    with broken files keeps the previous settings; no request fails.
+    """
     secrets, routes = tmp_path / "secrets.json", tmp_path / "routes.json"
+    tokens = tmp_path / "tokens.json"
     write(secrets, {"tok": "s1"})
     write(routes, {"tok": "first"})
+    write(tokens, ["tok", "old"])
     daemon = Daemon(
-        tmp_path, f"--import-secrets={secrets}", f"--routes-file={routes}", "--fsync=never"
+        tmp_path,
+        f"--import-secrets={secrets}",
+        f"--routes-file={routes}",
+        f"--tokens={tokens}",
+        "--fsync=never",
     ).start()
     process = daemon.process
     assert process is not None
@@ -357,16 +368,23 @@ def test_sighupUnderLoad(tmp_path: Path) -> None:
     def imports(secret: str) -> int:
         return daemon.request("/import", imported(), basic(secret))[0]
 
+    def accepted(token: str) -> bool:
+        event = {"event": "e", "properties": {"token": token}}
+        return daemon.request(f"/track?data={encoded(event)}")[2] == b"1"
+
     try:
         with Load(daemon) as load:
             waitFor(lambda: len(load.acknowledged) > 100, "traffic")
             assert (imports("s1"), imports("s2")) == (200, 401)
+            assert (accepted("old"), accepted("new")) == (True, False)
             write(secrets, {"tok": "s2"})
             write(routes, {"tok": "second"})
+            write(tokens, ["tok", "new"])
             os.rename(daemon.logFile, tmp_path / "twistd.log.1")
             process.send_signal(signal.SIGHUP)
             waitFor(lambda: imports("s2") == 200, "the new secret")
             assert imports("s1") == 401
+            assert (accepted("old"), accepted("new")) == (False, True)
             waitFor(lambda: daemon.logFile.exists(), "the reopened log file")
             assert "SIGHUP: reloaded" in daemon.logFile.read_text()
             before = len(load.acknowledged)
@@ -374,12 +392,15 @@ def test_sighupUnderLoad(tmp_path: Path) -> None:
 
             write(secrets, "{not json")
             write(routes, {"tok": "no/such queue"})
+            write(tokens, {"not": "a list"})
             process.send_signal(signal.SIGHUP)
             waitFor(lambda: "previous settings kept" in daemon.log(), "the refusal")
             log = daemon.log()
             assert "reloading --import-secrets failed, the previous settings stay" in log
             assert "reloading --routes-file failed, the previous settings stay" in log
+            assert "reloading --tokens failed, the previous settings stay" in log
             assert (imports("s2"), imports("s1")) == (200, 401)
+            assert (accepted("old"), accepted("new")) == (False, True)
             before = len(load.acknowledged)
             waitFor(lambda: len(load.acknowledged) > before + 100, "traffic after the bad reload")
             assert process.poll() is None
