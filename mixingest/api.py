@@ -156,9 +156,10 @@ class IngestAPI:
                 refusal = _badAnswerParameter(request, self.redirectHosts) or refusal
             return self._refuse(request, refusal, modern, style, kind)
         total = len(decoded.items)
+        lenient = modern and decoded.params.get("strict") == "0"
         if cleaned.failures and self.funnel.live.active:
-            self._showInvalid(kind, 400 if modern else 200, decoded, cleaned)
-        if modern and decoded.params.get("strict") == "0":
+            self._showInvalid(kind, 400 if modern and not lenient else 200, decoded, cleaned)
+        if lenient:
             cleaned = self._dropInvalid(cleaned)
             if not cleaned.items:
                 return importAnswer(request, 200, None, 0)

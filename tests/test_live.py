@@ -290,6 +290,28 @@ def test_apiFeedsAcceptedRefusedAndDeduplicated() -> None:
     assert "ip" not in item, "no client address unless the daemon stores it"
 
 
+def test_importRefusalsShowTheAnswersStatus() -> None:
+    """
+    A record refused on C{/import} shows the status its request was
+    answered with: 400 in strict mode, 200 under C{strict=0}, which drops
+    invalid records and answers success.
+    """
+    h = Harness(secrets=ImportSecrets({"tok": "sekrit"}))
+    viewer = watch(h.funnel.live)
+    headers = {
+        "Authorization": "Basic " + base64.b64encode(b"sekrit:").decode(),
+        "Content-Type": "application/json",
+    }
+    body = json.dumps([BAD]).encode()
+    answers = [
+        h.call("POST", f"/import?strict={strict}", headers=headers, data=body)[0]
+        for strict in (1, 0)
+    ]
+    shown = [(r["endpoint"], r["status"], r["reason"]) for r in viewer.records()]
+    assert answers == [400, 200]
+    assert shown == [("import", 400, "invalid"), ("import", 200, "invalid")]
+
+
 def test_wholeRequestRefusals() -> None:
     """
     Refused as a whole: the answer's status and the category the page
