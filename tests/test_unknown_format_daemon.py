@@ -80,8 +80,12 @@ def test_unknownFormatStopsTheDaemon(tmp_path: Path, mode: str) -> None:
     setVersion(segment, UNKNOWN_VERSION)
     before = segment.read_bytes()
     refused = daemon(tmp_path, "refused", args)
-    with pytest.raises(RuntimeError, match=r"daemon exited with 1 before listening"):
-        refused.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"daemon exited with 1 before listening"):
+            refused.start()
+    finally:
+        if refused.process is not None and refused.process.poll() is None:
+            refused.kill()
     output = refused.log()
     assert f"mixingest: not starting: {segment}" in output, output
     assert f"journal format version {UNKNOWN_VERSION}" in output, output
